@@ -1,0 +1,31 @@
+# Two commands for a fresh machine with Python 3.11:  make run   |   make test
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test repro mlflow-ui clean
+
+install: $(STAMP)
+
+# Reinstall only when the dependency spec or the lock changes.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]" -c requirements.lock
+	touch $(STAMP)
+
+run: install          ## the whole pipeline on params.yaml (MLflow parent run + Prefect flow)
+	$(PY) -m flows.pipeline
+
+test: install         ## the test suite (offline, ~minutes on 2 cores)
+	$(PY) -m pytest -q
+
+repro: install        ## the same stages through DVC, rerunning only what changed
+	$(VENV)/bin/dvc repro
+
+mlflow-ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+clean:                ## remove pipeline outputs (not the venv, not MLflow's store)
+	rm -rf data models checkpoints reports

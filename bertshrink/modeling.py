@@ -1,0 +1,82 @@
+"""Model folders: load a classifier from any model source, save one atomically with metadata.
+
+A model is a folder (``save_pretrained`` files + tokenizer) plus ``bertshrink.json``, which says
+what it is (kind, source, label names, data hash, params). The teacher and every compressed
+candidate use this same format, so evaluation and registration treat them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bertshrink.data import replace_dir
+from bertshrink.errors import MissingArtifactError, ModelSourceError
+from bertshrink.sources import load_error_hint, resolve_model_source
+
+MODEL_META_FILE = "bertshrink.json"
+
+
+def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length: int):
+    """Tokenizer and a sequence classifier with ``len(label_names)`` outputs from ``spec``.
+
+    A fresh classification head is initialised when the source is a plain encoder (as the
+    packaged all-MiniLM-L6-v2 is); that is expected, so transformers' load report is quieted.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    location = resolve_model_source(spec)
+    id2label = dict(enumerate(label_names))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            location,
+            num_labels=len(label_names),
+            id2label=id2label,
+            label2id={name: i for i, name in id2label.items()},
+            ignore_mismatched_sizes=True,  # a head fine-tuned for another label set is replaced
+        )
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"{load_error_hint(spec)}\nCause: {type(err).__name__}: {err}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # Downstream users (evaluation, MLflow pipelines) truncate at the length we trained with.
+    tokenizer.model_max_length = max_length
+    return tokenizer, model
+
+
+def save_model_folder(model, tokenizer, meta: dict[str, Any], target: Path) -> Path:
+    """Save weights (safetensors), tokenizer and metadata to a temp folder, then swap it in.
+
+    If anything fails before the swap, the previous model at ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {**meta, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        (tmp / MODEL_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def read_model_meta(model_dir: Path) -> dict[str, Any]:
+    """``bertshrink.json`` of a model folder, or a clear error naming the stage that makes it."""
+    path = Path(model_dir) / MODEL_META_FILE
+    if not path.is_file():
+        raise MissingArtifactError(
+            f"No model at {model_dir} ({MODEL_META_FILE} missing). Run the teacher stage first "
+            "(`python -m flows.teacher` or `dvc repro teacher`)."
+        )
+    return json.loads(path.read_text())

@@ -1,0 +1,190 @@
+"""Fine-tuning a BERT-family classifier with transformers' ``Trainer``.
+
+- seeded, progress bar on, cuda when present with bf16/fp16;
+- checkpoints in a work folder outside the model output, so an interrupted run resumes, and only
+  when the checkpoints were made from the same data and params (a fingerprint guards that);
+- a NaN/inf loss stops training with ``TrainingError`` before anything is saved, so the last good
+  model stays where it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from bertshrink.data import PreparedData
+from bertshrink.errors import TrainingError
+from bertshrink.modeling import load_tokenizer_and_classifier, save_model_folder
+from bertshrink.params import TeacherParams
+
+FINGERPRINT_FILE = "bertshrink-fingerprint.json"
+
+
+class GuardedTrainer(Trainer):
+    """A ``Trainer`` that refuses to continue on a non-finite loss.
+
+    Checked on every step (not only at logging steps), because one NaN step poisons the weights.
+    Distillation trainers subclass this and override ``compute_task_loss``.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = self.compute_task_loss(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingError(
+                f"Training loss became {loss.detach().float().item()} at step "
+                f"{self.state.global_step} (epoch {self.state.epoch or 0:.2f}). Lower "
+                "teacher.learning_rate, or use precision fp32; the last good model was not "
+                "overwritten."
+            )
+        return (loss, outputs) if return_outputs else loss
+
+    def compute_task_loss(self, model, inputs, num_items_in_batch=None):
+        """Loss and outputs; the default is the model's own cross-entropy."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        return loss, outputs
+
+
+@dataclass
+class TrainResult:
+    """What a fine-tuning run produced: the folder, summary metrics and the per-step history."""
+
+    model_dir: Path
+    metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: str | None = None
+    device: str = "cpu"
+
+
+def pick_device_and_precision(precision: str) -> tuple[str, dict[str, bool]]:
+    """cuda when present; on it bf16 where supported else fp16 ('auto'); fp32 on CPU."""
+    if not torch.cuda.is_available():
+        if precision in ("fp16", "bf16"):
+            raise TrainingError(f"teacher.precision={precision} needs a GPU; use 'auto' or 'fp32' on CPU.")
+        return "cpu", {}
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "cuda", {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def fingerprint(params: TeacherParams, data_hash: str, seed: int) -> str:
+    """Identifies a training run: checkpoints are only resumed for the same fingerprint."""
+    payload = json.dumps({"params": params.model_dump(mode="json"), "data": data_hash, "seed": seed}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _checkpoint_to_resume(work_dir: Path, fp: str, resume: bool) -> str | None:
+    """Last checkpoint of a run with the same fingerprint; stale checkpoints are cleared."""
+    marker = work_dir / FINGERPRINT_FILE
+    if work_dir.exists():
+        same_run = marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fp
+        if not (resume and same_run):
+            shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": fp}))
+    return get_last_checkpoint(str(work_dir)) if resume else None
+
+
+def tokenize_splits(prepared: PreparedData, tokenizer, max_length: int, names=("train", "validation")):
+    """``datasets`` with input ids, truncated at ``max_length``; padding happens per batch."""
+    import datasets
+
+    def encode(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+
+    out = {}
+    for name in names:
+        ds = datasets.Dataset.from_pandas(prepared.splits[name], preserve_index=False)
+        out[name] = ds.map(encode, batched=True, remove_columns=["text"]).rename_column("label", "labels")
+    return out
+
+
+def accuracy_metric(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def training_arguments(params: TeacherParams, work_dir: Path, seed: int, precision_flags: dict, device: str) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(work_dir),
+        num_train_epochs=params.epochs,
+        per_device_train_batch_size=params.batch_size,
+        per_device_eval_batch_size=params.eval_batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        learning_rate=params.learning_rate,
+        weight_decay=params.weight_decay,
+        warmup_steps=params.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        eval_strategy="epoch",
+        save_strategy="steps",
+        save_steps=params.save_steps,
+        save_total_limit=2,
+        logging_steps=params.logging_steps,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",  # tracking is the tasks layer's job
+        disable_tqdm=False,
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        **precision_flags,
+    )
+
+
+def fine_tune(prepared: PreparedData, params: TeacherParams, output_dir: Path, work_dir: Path, seed: int,
+              extra_meta: dict[str, Any] | None = None, callbacks: list | None = None) -> TrainResult:
+    """Fine-tune ``params.model`` on the prepared splits and save it to ``output_dir``.
+
+    ``extra_meta`` (e.g. the tracking run id) is written into the folder's ``bertshrink.json``.
+    """
+    set_seed(seed)
+    device, precision_flags = pick_device_and_precision(params.precision)
+    tokenizer, model = load_tokenizer_and_classifier(params.model, prepared.label_names, params.max_length)
+    encoded = tokenize_splits(prepared, tokenizer, params.max_length)
+    fp = fingerprint(params, prepared.content_hash, seed)
+    resume_from = _checkpoint_to_resume(Path(work_dir), fp, params.resume)
+    trainer = GuardedTrainer(
+        model=model,
+        args=training_arguments(params, Path(work_dir), seed, precision_flags, device),
+        train_dataset=encoded["train"],
+        eval_dataset=encoded["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=accuracy_metric,
+        callbacks=callbacks,
+    )
+    train_output = trainer.train(resume_from_checkpoint=resume_from)
+    eval_metrics = trainer.evaluate()
+    _check_finite_weights(trainer.model)
+    metrics = {**train_output.metrics, **eval_metrics}
+    meta = {
+        "kind": "teacher",
+        "source_model": params.model,
+        "label_names": prepared.label_names,
+        "max_length": params.max_length,
+        "data_content_hash": prepared.content_hash,
+        "fingerprint": fp,
+        "params": params.model_dump(mode="json"),
+        "seed": seed,
+        "train_metrics": metrics,
+        **(extra_meta or {}),
+    }
+    save_model_folder(trainer.model.cpu(), tokenizer, meta, output_dir)
+    return TrainResult(Path(output_dir), metrics, trainer.state.log_history, resume_from, device)
+
+
+def _check_finite_weights(model) -> None:
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"Non-finite weights after training in {bad[:3]}; not saving this model.")
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

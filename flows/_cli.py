@@ -1,0 +1,50 @@
+"""Command-line entry shared by the stage flows: parse params once, run, turn errors into exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from bertshrink.errors import BertshrinkError
+from bertshrink.params import DEFAULT_PARAMS_FILE, Params, load_params
+
+
+def quiet_libraries() -> None:
+    """Keep the console readable: library warnings that users can do nothing about go."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The machines this runs on are often offline; Prefect's telemetry would only time out.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    for name in ("alembic", "mlflow.store.db.utils", "great_expectations"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def parse_args(description: str, argv: list[str] | None = None, extra: Callable | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS_FILE), help="params file (default: params.yaml)")
+    parser.add_argument("--parent-run-id", default=None, help="MLflow run to nest this stage's run under")
+    if extra:
+        extra(parser)
+    return parser.parse_args(argv)
+
+
+def run_stage(flow_fn: Callable, description: str, argv: list[str] | None = None, extra: Callable | None = None,
+              **flow_kwargs) -> None:
+    """``python -m flows.<stage>``: load params (fail fast), run the flow, exit non-zero on error."""
+    quiet_libraries()
+    args = parse_args(description, argv, extra)
+    try:
+        params: Params = load_params(args.params)
+        extra_kwargs = {k: getattr(args, k) for k in flow_kwargs.get("cli_args", ())}
+        flow_fn(params=params, parent_run_id=args.parent_run_id, **extra_kwargs)
+    except BertshrinkError as err:
+        print(f"\nbertshrink: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("\nbertshrink: interrupted. Outputs already written are intact; rerun to resume "
+              "(training restarts from its last checkpoint).", file=sys.stderr)
+        sys.exit(130)

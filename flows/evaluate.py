@@ -1,0 +1,27 @@
+"""Stage flow: measure model folders (the teacher by default) (``python -m flows.evaluate``)."""
+
+from prefect import flow
+
+from bertshrink.params import Params
+from flows._cli import run_stage
+from tasks.evaluate import evaluate_model_task
+from tasks.tracking import stage_run
+
+
+@flow(name="evaluate")
+def evaluate_flow(params: Params, parent_run_id: str | None = None, model_dirs: list[str] | None = None) -> list[dict]:
+    """One nested MLflow run per model folder, so teacher and candidates compare side by side."""
+    results = []
+    for model_dir in model_dirs or [str(params.base.teacher_dir)]:
+        with stage_run("evaluate", params.registry, parent_run_id) as run_id:
+            results.append(evaluate_model_task(model_dir, params.evaluate, params.base, run_id))
+    return results
+
+
+def _model_dir_arg(parser) -> None:
+    parser.add_argument("--model-dir", dest="model_dirs", action="append", default=None,
+                        help="model folder to evaluate (repeatable; default: the teacher)")
+
+
+if __name__ == "__main__":
+    run_stage(evaluate_flow, __doc__, extra=_model_dir_arg, cli_args=("model_dirs",))

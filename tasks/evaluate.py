@@ -1,0 +1,36 @@
+"""Prefect task for the evaluate stage: the same code measures the teacher and every candidate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NONE as NO_CACHE
+
+from bertshrink.data import load_prepared
+from bertshrink.measure import evaluate_model, flat_metrics
+from bertshrink.params import BaseParams, EvaluateParams
+from tasks.tracking import log_artifact, log_metrics, log_params, set_tags
+
+
+def metrics_path(base: BaseParams, model_name: str) -> Path:
+    return Path(base.metrics_dir) / f"{model_name}.json"
+
+
+@task(name="evaluate-model", cache_policy=NO_CACHE)
+def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, base: BaseParams, run_id: str) -> dict:
+    """Accuracy, size, latency and memory of one model folder -> ``metrics/<model>.json`` + MLflow."""
+    prepared = load_prepared(base.prepared_dir)
+    model_name = Path(model_dir).name
+    result = evaluate_model(Path(model_dir), prepared.splits, evaluate, seed=base.seed)
+    result.update({"model": model_name, "evaluation_run_id": run_id, "data_content_hash": prepared.content_hash})
+    out = metrics_path(base, model_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    log_params(run_id, {f"evaluate.{k}": v for k, v in evaluate.model_dump(mode="json").items()})
+    log_metrics(run_id, flat_metrics(result))
+    set_tags(run_id, {"model": model_name, "data.content_hash": prepared.content_hash,
+                      **{f"machine.{k}": v for k, v in result.get("machine", {}).items()}})
+    log_artifact(run_id, out)
+    return result

@@ -1,0 +1,95 @@
+"""Prefect task for the register stage: log a model folder with MLflow's transformers flavour,
+register it, tag the version with its lineage, and point an alias at it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import NONE as NO_CACHE
+
+from bertshrink.errors import MissingArtifactError
+from bertshrink.modeling import read_model_meta
+from bertshrink.params import RegistryParams
+from tasks.tracking import git_commit, log_metrics
+
+SUMMARY_METRICS = ("test.accuracy", "test.macro_f1", "validation.accuracy", "size.total_bytes",
+                   "parameters", "latency.batch_1.p50_ms", "latency.batch_1.p95_ms")
+
+
+def _flat(result: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+SERVING_PACKAGES = ("transformers", "torch", "tokenizers", "safetensors", "accelerate")
+
+
+def serving_requirements() -> list[str]:
+    """The model's pip requirements, pinned to what trained it.
+
+    Given explicitly because MLflow's default list adds torchvision, which a text model does not
+    need and which has no CPU wheel here.
+    """
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
+
+
+def text_classification_pipeline(model_dir: str):
+    from transformers import pipeline
+
+    return pipeline("text-classification", model=str(model_dir), tokenizer=str(model_dir), device="cpu")
+
+
+# A tracking server can be briefly unreachable; retrying the whole registration is safe.
+@task(name="register-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, alias: str, run_id: str,
+                   record_file: str) -> dict:
+    """Log + register ``model_dir``; set ``alias``; write the registration record to ``record_file``."""
+    meta = read_model_meta(Path(model_dir))
+    if not Path(metrics_file).is_file():
+        raise MissingArtifactError(
+            f"{metrics_file} not found: evaluate {model_dir} first "
+            "(`python -m flows.evaluate` or `dvc repro evaluate`)."
+        )
+    metrics = _flat(json.loads(Path(metrics_file).read_text()))
+    summary = {k: metrics[k] for k in SUMMARY_METRICS if k in metrics}
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            # A built pipeline, not the folder path: MLflow 3.17's path route breaks on transformers 5.
+            transformers_model=text_classification_pipeline(model_dir),
+            name="model",
+            pip_requirements=serving_requirements(),
+            registered_model_name=registry.model_name,
+            metadata={"bertshrink": {k: meta.get(k) for k in ("kind", "source_model", "label_names", "max_length")}},
+        )
+    log_metrics(run_id, summary)
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    tags = {
+        "kind": meta.get("kind", "unknown"),
+        "data_content_hash": meta.get("data_content_hash", "unknown"),
+        "git_commit": git_commit(),
+        "params": json.dumps(meta.get("params", {}), sort_keys=True),
+        "training_run_id": meta.get("training_run_id", "unknown"),
+        "evaluation_run_id": metrics.get("evaluation_run_id", "unknown"),
+        **{f"metric.{k}": v for k, v in summary.items()},
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(registry.model_name, version, key, str(value)[:5000])
+    client.set_registered_model_alias(registry.model_name, alias, version)
+    record = {"name": registry.model_name, "version": version, "alias": alias, "run_id": run_id,
+              "model_uri": f"models:/{registry.model_name}@{alias}", "model_id": info.model_id,
+              "data_content_hash": tags["data_content_hash"]}
+    Path(record_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(record_file).write_text(json.dumps(record, indent=2))
+    return record

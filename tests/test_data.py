@@ -1,0 +1,164 @@
+"""Sources and splitting: every source kind, determinism, stratification, no leakage, caps."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from bertshrink.data import load_prepared, normalize_text, prepare_splits, write_prepared
+from bertshrink.errors import DataSourceError, MissingArtifactError, ModelSourceError
+from bertshrink.params import DataParams
+from bertshrink.sources import RawDataset, load_raw_dataset, resolve_model_source
+from conftest import toy_corpus
+
+
+def test_packaged_bbc_news_is_the_full_corpus():
+    raw = load_raw_dataset("packaged:bbc-news")
+    assert raw.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(raw.splits["train"]) == 2225
+    assert raw.splits["train"]["text"].str.len().min() > 100
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_local_files_with_named_columns(tmp_path, suffix):
+    frame = toy_corpus(10).rename(columns={"text": "sentence", "label": "topic"})
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".tsv":
+        frame.to_csv(path, sep="\t", index=False)
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.to_parquet(path)
+    raw = load_raw_dataset(str(path), text_column="sentence", label_column="topic")
+    assert raw.label_names == ["film", "money", "sport"]
+    assert len(raw.splits["train"]) == 30
+    assert set(raw.splits["train"]["label"]) == {0, 1, 2}
+
+
+def test_folder_with_own_splits_is_reused(tmp_path):
+    frame = toy_corpus(20)
+    frame.iloc[:45].to_csv(tmp_path / "train.csv", index=False)
+    frame.iloc[45:].to_csv(tmp_path / "dev.csv", index=False)
+    raw = load_raw_dataset(str(tmp_path))
+    assert set(raw.splits) == {"train", "validation"}
+    prepared = prepare_splits(raw, DataParams(test_size=0.2), seed=1)
+    assert prepared.meta["provenance"]["validation"].endswith("dev.csv")
+    assert prepared.meta["provenance"]["test"].startswith("carved from train")
+    assert len(prepared.splits["validation"]) == 15
+
+
+def test_missing_column_names_the_fix(toy_csv):
+    with pytest.raises(DataSourceError, match="data.text_column"):
+        load_raw_dataset(str(toy_csv), text_column="body")
+
+
+def test_unknown_sources_are_refused(tmp_path):
+    with pytest.raises(DataSourceError, match="neither packaged"):
+        load_raw_dataset(str(tmp_path / "missing.csv"))
+    with pytest.raises(DataSourceError, match="Unknown packaged dataset"):
+        load_raw_dataset("packaged:imdb")
+
+
+def test_unreachable_hub_gives_offline_advice(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("huggingface.co unreachable")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataSourceError) as err:
+        load_raw_dataset("hub:glue/sst2")
+    assert "network access" in str(err.value) and "load_dataset('glue', 'sst2')" in str(err.value)
+
+
+def test_model_sources(tmp_path):
+    assert (resolve_model_source("packaged:all-MiniLM-L6-v2") + "/config.json")
+    assert resolve_model_source("bert-base-uncased") == "bert-base-uncased"
+    assert resolve_model_source("hub:prajjwal1/bert-tiny") == "prajjwal1/bert-tiny"
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        resolve_model_source(str(tmp_path / "nothing"))
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        resolve_model_source(str(tmp_path))
+    with pytest.raises(ModelSourceError, match="Unknown packaged model"):
+        resolve_model_source("packaged:gpt-5")
+
+
+def _raw(rows_per_class=40) -> RawDataset:
+    frame = toy_corpus(rows_per_class)
+    names = sorted(frame["label"].unique())
+    frame["label"] = frame["label"].map({n: i for i, n in enumerate(names)})
+    return RawDataset({"train": frame}, names, "toy")
+
+
+def test_split_is_deterministic_and_seeded():
+    a = prepare_splits(_raw(), DataParams(), seed=7)
+    b = prepare_splits(_raw(), DataParams(), seed=7)
+    c = prepare_splits(_raw(), DataParams(), seed=8)
+    assert a.content_hash == b.content_hash
+    assert a.content_hash != c.content_hash
+
+
+def test_split_is_stratified_and_disjoint():
+    prepared = prepare_splits(_raw(100), DataParams(validation_size=0.2, test_size=0.2), seed=0)
+    rows = prepared.meta["rows"]
+    assert rows == {"train": 180, "validation": 60, "test": 60}
+    for split in ("validation", "test"):
+        counts = prepared.splits[split]["label"].value_counts()
+        assert counts.max() - counts.min() <= 1  # 20 per class, +-1 for rounding
+    keys = {s: set(prepared.splits[s]["text"].map(normalize_text)) for s in prepared.splits}
+    assert not keys["train"] & keys["test"] and not keys["train"] & keys["validation"]
+    assert not keys["validation"] & keys["test"]
+
+
+def test_duplicates_are_dropped_before_splitting():
+    raw = _raw()
+    frame = raw.splits["train"]
+    dupes = frame.iloc[:5].assign(text=lambda f: "  " + f["text"].str.upper() + " ")
+    raw.splits["train"] = pd.concat([frame, dupes], ignore_index=True)
+    prepared = prepare_splits(raw, DataParams(), seed=0)
+    assert prepared.meta["duplicates_dropped"]["train"] == 5
+    assert sum(prepared.meta["rows"].values()) == 120
+
+
+def test_duplicates_kept_when_asked():
+    raw = _raw()
+    raw.splits["train"] = pd.concat([raw.splits["train"], raw.splits["train"].iloc[:5]], ignore_index=True)
+    prepared = prepare_splits(raw, DataParams(drop_duplicates=False), seed=0)
+    assert sum(prepared.meta["rows"].values()) == 125
+
+
+def test_train_rows_seen_in_evaluation_splits_are_dropped():
+    frame = _raw().splits["train"]
+    raw = RawDataset({"train": frame, "test": frame.iloc[:30].copy()}, ["film", "money", "sport"], "toy")
+    prepared = prepare_splits(raw, DataParams(), seed=0)
+    assert prepared.meta["duplicates_dropped"]["train"] == 30
+    assert len(prepared.splits["test"]) == 30
+
+
+def test_caps_are_stratified():
+    prepared = prepare_splits(_raw(100), DataParams(max_train_samples=30, max_eval_samples=12), seed=0)
+    assert len(prepared.splits["train"]) == 30
+    assert prepared.splits["train"]["label"].value_counts().to_dict() == {0: 10, 1: 10, 2: 10}
+    assert len(prepared.splits["test"]) == 12 and len(prepared.splits["validation"]) == 12
+
+
+def test_write_and_load_round_trip(tmp_path):
+    prepared = prepare_splits(_raw(), DataParams(), seed=0)
+    out = write_prepared(prepared, tmp_path / "prepared")
+    loaded = load_prepared(out)
+    assert loaded.content_hash == prepared.content_hash
+    assert json.loads((out / "meta.json").read_text())["rows"] == prepared.meta["rows"]
+    pd.testing.assert_frame_equal(loaded.splits["test"], prepared.splits["test"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    # rewriting replaces the folder whole
+    write_prepared(prepare_splits(_raw(), DataParams(), seed=1), out)
+    assert load_prepared(out).content_hash != prepared.content_hash
+
+
+def test_load_prepared_names_the_stage(tmp_path):
+    with pytest.raises(MissingArtifactError, match="flows.prepare"):
+        load_prepared(tmp_path / "nowhere")

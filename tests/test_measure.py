@@ -1,0 +1,159 @@
+"""Tests for bertshrink.measure on a tiny random BERT built in the test (no downloads)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bertshrink import measure
+from bertshrink.errors import MissingArtifactError, ModelSourceError
+from bertshrink.params import EvaluateParams
+
+WORDS = "the a cat dog sat ran on mat fast slow big small red blue market stocks fell rose".split()
+NUM_LABELS = 3
+FAST = EvaluateParams(threads=1, batch_sizes=(1, 4), warmup_iterations=1, timed_iterations=5,
+                      max_length=16, eval_batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 random BERT classifier and WordPiece tokenizer saved to a folder."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    # transformers 5 takes the WordPiece vocab as a dict (the v4 `vocab_file=` is ignored there).
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)})
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=37, max_position_embeddings=64,
+                        num_labels=NUM_LABELS)
+    model_dir = root / "model"
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def _frame(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(WORDS, size=rng.integers(1, 30))) for _ in range(n)]
+    return pd.DataFrame({"text": texts, "label": rng.integers(0, NUM_LABELS, size=n)})
+
+
+@pytest.fixture(scope="module")
+def splits() -> dict[str, pd.DataFrame]:
+    return {"train": _frame(8, 0), "validation": _frame(12, 1), "test": _frame(20, 2)}
+
+
+def test_classification_metrics_known_values():
+    # Per class F1: class 0 = 0.5, class 1 = 0.8, class 2 = 2/3 -> macro 59/90.
+    result = measure.classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], 3)
+    assert result["accuracy"] == pytest.approx(4 / 6)
+    assert result["macro_f1"] == pytest.approx(59 / 90)
+    assert result["n"] == 6
+
+
+def test_classification_metrics_rejects_label_outside_model():
+    with pytest.raises(ValueError, match="outside"):
+        measure.classification_metrics([0, 3], [0, 1], 3)
+
+
+def test_size_on_disk_counts_shipped_files_only(tiny_model, tmp_path):
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_model, model_dir)
+    (model_dir / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (model_dir / "checkpoints" / "checkpoint-5" / "model.safetensors").write_bytes(b"x" * 999)
+    (model_dir / "training_args.bin").write_bytes(b"x" * 777)
+    (model_dir / "bertshrink.json").write_text("{}")
+
+    size = measure.size_on_disk(model_dir)
+
+    assert set(size["files"]) == {"config.json", "model.safetensors", "tokenizer.json",
+                                  "tokenizer_config.json"}
+    assert size["weights_bytes"] == (model_dir / "model.safetensors").stat().st_size
+    assert size["total_bytes"] == sum(size["files"].values())
+    assert size["total_bytes"] > size["weights_bytes"]
+
+
+def test_count_parameters_matches_numel(tiny_model):
+    runner = measure.TorchClassifier(tiny_model)
+    expected = sum(p.numel() for p in runner.model.parameters())
+    assert measure.count_parameters(runner.model) == expected == runner.num_parameters()
+
+
+def test_predict_shapes(tiny_model, splits):
+    runner = measure.TorchClassifier(tiny_model)
+    texts = splits["test"]["text"].tolist()
+    logits = runner.logits(texts, batch_size=7, max_length=16)
+    assert logits.shape == (len(texts), NUM_LABELS)
+    np.testing.assert_array_equal(runner.predict(texts, 7, 16), logits.argmax(-1))
+
+
+def test_measure_latency(tiny_model, splits):
+    runner = measure.TorchClassifier(tiny_model)
+    texts = splits["test"]["text"].tolist()
+    threads_before = torch.get_num_threads()
+
+    result = measure.measure_latency(runner, runner.tokenizer, texts, 4, FAST, seed=0)
+
+    assert torch.get_num_threads() == threads_before
+    assert result["batch_size"] == 4
+    assert result["iterations"] == FAST.timed_iterations
+    assert 0 < result["p50_ms"] <= result["p95_ms"]
+    assert result["throughput_eps"] > 0
+    assert 2 <= result["mean_seq_len"] <= FAST.max_length
+
+
+def test_sample_sequence_lengths_seeded_and_truncated(tiny_model, splits):
+    runner = measure.TorchClassifier(tiny_model)
+    texts = splits["test"]["text"].tolist()
+    lengths = measure.sample_sequence_lengths(runner.tokenizer, texts, 16, n=50, seed=3)
+    assert len(lengths) == 50
+    assert all(3 <= n <= 16 for n in lengths)  # [CLS] word [SEP] at least
+    assert lengths == measure.sample_sequence_lengths(runner.tokenizer, texts, 16, 50, 3)
+
+
+def test_evaluate_model_and_flat_metrics(tiny_model, splits):
+    result = measure.evaluate_model(tiny_model, splits, FAST, seed=0)
+
+    assert set(result) == {"model_dir", "metrics", "parameters", "size", "latency",
+                           "peak_memory_mb", "machine", "eval_seconds"}
+    assert set(result["metrics"]) == {"validation", "test"}
+    for name, df in (("validation", splits["validation"]), ("test", splits["test"])):
+        assert 0.0 <= result["metrics"][name]["accuracy"] <= 1.0
+        assert result["metrics"][name]["n"] == len(df)
+    assert set(result["latency"]) == {"batch_1", "batch_4"}
+    assert result["peak_memory_mb"] > 0
+
+    flat = measure.flat_metrics(result)
+    for key in ("test.accuracy", "validation.macro_f1", "latency.batch_1.p50_ms",
+                "latency.batch_4.throughput_eps", "size.total_bytes", "parameters",
+                "peak_memory_mb", "eval_seconds"):
+        assert isinstance(flat[key], float), key
+    assert not any(k.startswith(("machine", "size.files", "metrics")) for k in flat)
+
+
+def test_evaluate_model_missing_folder(tmp_path, splits):
+    with pytest.raises(MissingArtifactError, match="flows.teacher") as err:
+        measure.evaluate_model(tmp_path / "nope", splits, FAST)
+    assert str(tmp_path / "nope") in str(err.value)
+
+
+def test_load_runner_rejects_unknown_folder(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelSourceError, match="Don't know how to run"):
+        measure.load_runner(tmp_path, FAST)
+
+
+def test_machine_info():
+    info = measure.machine_info(threads=2)
+    assert info["torch"] == torch.__version__
+    assert info["threads"] == 2
+    assert {"avx2", "avx512_vnni", "amx_tile"} <= set(info["cpu_flags"])
+    assert all(isinstance(v, bool) for v in info["cpu_flags"].values())
+    assert info["cpu_model"]

@@ -1,0 +1,98 @@
+"""Params: the shipped file parses; each kind of bad input fails naming the key and what's allowed."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bertshrink.errors import ParamsError
+from bertshrink.params import Params, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_parse_into_sections():
+    params = load_params(REPO / "params.yaml")
+    assert params.teacher.model == "packaged:all-MiniLM-L6-v2"
+    assert params.data.source == "packaged:bbc-news"
+    assert params.validate_.min_class_share == 0.02
+    assert params.evaluate.batch_sizes == (1, 32)
+    assert params.base.teacher_dir == Path("models/teacher")
+
+
+def test_empty_file_gives_defaults():
+    assert parse_params({}) == Params()
+
+
+def test_unknown_key_is_named_with_allowed_keys():
+    with pytest.raises(ParamsError) as err:
+        parse_params({"teacher": {"epoch": 3}})
+    message = str(err.value)
+    assert "teacher.epoch: unknown key" in message
+    assert "epochs" in message and "learning_rate" in message
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ParamsError, match="trainer: unknown key; allowed keys: .*teacher"):
+        parse_params({"trainer": {}})
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ParamsError) as err:
+        parse_params({"teacher": {"batch_size": "sixteen"}})
+    assert "teacher.batch_size" in str(err.value) and "'sixteen'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, hint",
+    [
+        ("teacher", "learning_rate", -1.0, "greater than 0"),
+        ("teacher", "epochs", 0, "greater than 0"),
+        ("data", "test_size", 0.7, "less than 0.5"),
+        ("validate", "min_class_share", 1.5, "less than 1"),
+        ("evaluate", "threads", 0, "greater than or equal to 1"),
+        ("base", "seed", -3, "greater than or equal to 0"),
+    ],
+)
+def test_out_of_range_values_fail_with_the_bound(section, key, value, hint):
+    with pytest.raises(ParamsError) as err:
+        parse_params({section: {key: value}})
+    assert f"{section}.{key}" in str(err.value) and hint in str(err.value)
+
+
+def test_literal_lists_allowed_values():
+    with pytest.raises(ParamsError) as err:
+        parse_params({"teacher": {"precision": "int4"}})
+    assert "teacher.precision" in str(err.value)
+    assert "'auto', 'fp32', 'fp16' or 'bf16'" in str(err.value)
+
+
+def test_cross_field_rules():
+    with pytest.raises(ParamsError, match="validation_size \\+ test_size"):
+        parse_params({"data": {"validation_size": 0.45, "test_size": 0.45}})
+    with pytest.raises(ParamsError, match="min_text_chars"):
+        parse_params({"validate": {"min_text_chars": 10, "max_text_chars": 5}})
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ParamsError, match="mapping of sections"):
+        load_params(listy)
+
+
+def test_sections_are_frozen():
+    params = Params()
+    with pytest.raises(Exception):
+        params.teacher.epochs = 5
+
+
+def test_flat_dict_for_logging():
+    flat = Params().as_flat_dict()
+    assert flat["teacher.max_length"] == 128 and flat["validate.min_train_rows"] == 50

@@ -1,0 +1,109 @@
+"""End to end: the whole pipeline on a tiny random BERT and a toy corpus, offline, in a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bertshrink.errors import DataValidationError
+
+
+def write_params(folder: Path, data_source: Path, model_dir: Path, **overrides) -> Path:
+    params = {
+        "data": {"source": str(data_source), "validation_size": 0.2, "test_size": 0.2},
+        "validate": {"min_train_rows": 20, "min_eval_rows": 5},
+        "teacher": {"model": str(model_dir), "max_length": 32, "epochs": 10, "batch_size": 8,
+                    "learning_rate": 3e-3, "logging_steps": 2, "save_steps": 10},
+        "evaluate": {"warmup_iterations": 1, "timed_iterations": 3, "max_length": 32, "batch_sizes": [1, 8]},
+        "registry": {"experiment": "e2e", "model_name": "tiny-teacher"},
+    }
+    for section, values in overrides.items():
+        params.setdefault(section, {}).update(values)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run inside a temp dir with its own MLflow store, so nothing touches the repository."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def test_pipeline_end_to_end(workdir, tiny_bert, toy_csv, prefect_server):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import pipeline_flow
+
+    params_file = write_params(workdir, toy_csv, tiny_bert)
+    out = pipeline_flow(params_file=str(params_file), dvc_commit=False)
+
+    # prepared data: three Parquet splits and their meta
+    meta = json.loads((workdir / "data/prepared/meta.json").read_text())
+    assert meta["label_names"] == ["film", "money", "sport"]
+    assert sum(meta["rows"].values()) == 120
+    assert all((workdir / f"data/prepared/{s}.parquet").is_file() for s in ("train", "validation", "test"))
+
+    # validation result and data docs
+    validation = json.loads((workdir / "reports/validation/validation.json").read_text())
+    assert validation["success"] is True
+    assert validation["data_content_hash"] == meta["content_hash"]
+    assert list((workdir / "reports/validation/data_docs").rglob("index.html"))
+
+    # teacher folder with safetensors, tokenizer and lineage
+    teacher = workdir / "models/teacher"
+    assert (teacher / "model.safetensors").is_file() and (teacher / "tokenizer.json").is_file()
+    model_meta = json.loads((teacher / "bertshrink.json").read_text())
+    assert model_meta["data_content_hash"] == meta["content_hash"]
+
+    # metrics file
+    metrics = json.loads((workdir / "metrics/teacher.json").read_text())
+    for split in ("validation", "test"):
+        assert 0.0 <= metrics["metrics"][split]["accuracy"] <= 1.0
+    # the toy topics are separable by keyword: a trained model must beat chance (1/3) clearly
+    assert metrics["metrics"]["test"]["accuracy"] >= 0.8
+    assert metrics["latency"]["batch_1"]["p50_ms"] <= metrics["latency"]["batch_1"]["p95_ms"]
+    assert metrics["size"]["total_bytes"] > 0 and metrics["parameters"] > 0
+
+    # registry: the alias points at the registered version, tagged with its lineage
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("tiny-teacher", "teacher")
+    assert version.version == out["registered"]["version"]
+    assert version.tags["data_content_hash"] == meta["content_hash"]
+    assert "git_commit" in version.tags and json.loads(version.tags["params"])["max_length"] == 32
+
+    # one parent run per execution, a nested run per stage
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == out["parent_run_id"]]
+    assert {r.data.tags["bertshrink.stage"] for r in children} == {"prepare", "validate", "teacher", "evaluate", "register"}
+
+    # the registered artifact serves: load it through the alias and classify
+    model = mlflow.pyfunc.load_model("models:/tiny-teacher@teacher")
+    predictions = model.predict(["goal match team coach league"])
+    assert len(predictions) == 1
+
+    assert (workdir / "reports/pipeline_summary.md").read_text().count("| teacher |") == 1
+
+
+def test_bad_data_stops_before_training(workdir, tiny_bert, prefect_server):
+    from conftest import toy_corpus
+
+    from flows.pipeline import pipeline_flow
+
+    frame = toy_corpus()
+    frame.loc[[3, 10], "text"] = "   "  # blank texts must be caught, not trained on
+    path = workdir / "bad.csv"
+    frame.to_csv(path, index=False)
+    params_file = write_params(workdir, path, tiny_bert)
+
+    with pytest.raises(DataValidationError) as err:
+        pipeline_flow(params_file=str(params_file), dvc_commit=False)
+    assert "text" in str(err.value)
+    assert not (workdir / "models/teacher").exists()

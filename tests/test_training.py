@@ -1,0 +1,109 @@
+"""Teacher fine-tuning on the tiny BERT: it learns, resumes after an interruption, refuses NaN."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from bertshrink.data import prepare_splits
+from bertshrink.errors import TrainingError
+from bertshrink.modeling import load_tokenizer_and_classifier, read_model_meta
+from bertshrink.params import DataParams, TeacherParams
+from bertshrink.sources import RawDataset
+from bertshrink.training import _checkpoint_to_resume, fine_tune, fingerprint
+from conftest import toy_corpus
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    frame = toy_corpus(30)
+    names = sorted(frame["label"].unique())
+    frame["label"] = frame["label"].map({n: i for i, n in enumerate(names)})
+    return prepare_splits(RawDataset({"train": frame}, names, "toy"), DataParams(), seed=0)
+
+
+def tiny_params(tiny_bert, **kw) -> TeacherParams:
+    base = dict(model=str(tiny_bert), max_length=32, epochs=2, batch_size=8, learning_rate=3e-3,
+                logging_steps=1, save_steps=2, warmup_ratio=0.0)
+    return TeacherParams(**{**base, **kw})
+
+
+class StopAtStep(TrainerCallback):
+    """Simulates a crash (Ctrl-C) right after a given step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_fine_tune_saves_a_loadable_classifier(tmp_path, tiny_bert, prepared):
+    result = fine_tune(prepared, tiny_params(tiny_bert, epochs=10), tmp_path / "teacher", tmp_path / "ckpt", seed=0,
+                       extra_meta={"training_run_id": "abc"})
+    meta = read_model_meta(result.model_dir)
+    assert meta["label_names"] == prepared.label_names and meta["training_run_id"] == "abc"
+    assert meta["data_content_hash"] == prepared.content_hash
+    assert (result.model_dir / "model.safetensors").is_file()
+    assert result.metrics["eval_accuracy"] >= 0.8  # keyword topics: chance is 1/3
+    assert any("loss" in entry for entry in result.history)
+    tokenizer, model = load_tokenizer_and_classifier(str(result.model_dir), prepared.label_names, 32)
+    assert model.config.id2label[0] == prepared.label_names[0]
+    assert tokenizer.model_max_length == 32
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, tiny_bert, prepared):
+    params = tiny_params(tiny_bert)
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(prepared, params, tmp_path / "teacher", tmp_path / "ckpt", seed=0, callbacks=[StopAtStep(5)])
+    assert not (tmp_path / "teacher").exists()  # nothing half-saved
+    assert (tmp_path / "ckpt" / "checkpoint-4").is_dir()
+    result = fine_tune(prepared, params, tmp_path / "teacher", tmp_path / "ckpt", seed=0)
+    assert result.resumed_from.endswith("checkpoint-4")
+    assert (tmp_path / "teacher" / "model.safetensors").is_file()
+
+
+def test_checkpoints_of_other_params_are_not_resumed(tmp_path, tiny_bert, prepared):
+    work = tmp_path / "ckpt"
+    old = fingerprint(tiny_params(tiny_bert), prepared.content_hash, 0)
+    _checkpoint_to_resume(work, old, resume=True)
+    (work / "checkpoint-2").mkdir()
+    (work / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    new = fingerprint(tiny_params(tiny_bert, learning_rate=1e-3), prepared.content_hash, 0)
+    assert new != old
+    assert _checkpoint_to_resume(work, new, resume=True) is None
+    assert not (work / "checkpoint-2").exists()
+    assert json.loads((work / "bertshrink-fingerprint.json").read_text())["fingerprint"] == new
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_model(tmp_path, tiny_bert, prepared, monkeypatch):
+    good = fine_tune(prepared, tiny_params(tiny_bert, epochs=1), tmp_path / "teacher", tmp_path / "ckpt", seed=0)
+    before = (good.model_dir / "model.safetensors").read_bytes()
+
+    from transformers import BertForSequenceClassification
+
+    original = BertForSequenceClassification.forward
+
+    @functools.wraps(original)  # Trainer inspects forward's signature to pick columns
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.loss = out.loss * torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(BertForSequenceClassification, "forward", poisoned)
+    with pytest.raises(TrainingError, match="loss became nan at step 0"):
+        fine_tune(prepared, tiny_params(tiny_bert, epochs=1, learning_rate=1e-3), tmp_path / "teacher",
+                  tmp_path / "ckpt", seed=0)
+    assert (good.model_dir / "model.safetensors").read_bytes() == before
+
+
+def test_gpu_precision_on_cpu_is_refused(tmp_path, tiny_bert, prepared):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(TrainingError, match="needs a GPU"):
+        fine_tune(prepared, tiny_params(tiny_bert, precision="bf16"), tmp_path / "t", tmp_path / "c", seed=0)
