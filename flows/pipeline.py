@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-dvc-commit", action="store_true", help="do not record results in dvc.lock")
     args = parser.parse_args(argv)
     try:
+        load_params(args.params)  # reject bad params before Prefect or MLflow start
         pipeline_flow(params_file=args.params, dvc_commit=not args.no_dvc_commit)
     except BertshrinkError as err:
         print(f"\nbertshrink: {type(err).__name__}: {err}", file=sys.stderr)

@@ -1,0 +1,59 @@
+"""The real packaged all-MiniLM-L6-v2 loads offline and classifies; CLIs fail with clear exits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bertshrink.errors import ModelSourceError, ParamsError
+from bertshrink.modeling import load_tokenizer_and_classifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_packaged_minilm_loads_offline_and_classifies(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # proves no Hub access is needed
+    labels = ["business", "entertainment", "politics", "sports", "tech"]
+    tokenizer, model = load_tokenizer_and_classifier("packaged:all-MiniLM-L6-v2", labels, max_length=128)
+    assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
+    batch = tokenizer(["The striker scored twice as United won the cup final."], return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**batch).logits
+    assert logits.shape == (1, 5) and torch.isfinite(logits).all()
+    assert model.config.id2label[int(logits.argmax())] in labels
+    # the encoder weights are the packaged ones, not a random init: same embedding every load
+    _, again = load_tokenizer_and_classifier("packaged:all-MiniLM-L6-v2", labels, max_length=128)
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, again.bert.embeddings.word_embeddings.weight)
+
+
+def test_unreachable_hub_model_explains_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match="packaged:all-MiniLM-L6-v2"):
+        load_tokenizer_and_classifier("surely-not-cached/bert-model-xyz", ["a", "b"], max_length=32)
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_bad_params_exit_2_before_any_work(tmp_path):
+    (tmp_path / "params.yaml").write_text("teacher:\n  epochs: -1\n  learnig_rate: 0.1\n")
+    done = _run(["-m", "flows.pipeline"], tmp_path)
+    assert done.returncode == ParamsError.exit_code
+    assert "teacher.epochs" in done.stderr and "greater than 0" in done.stderr
+    assert "teacher.learnig_rate: unknown key" in done.stderr and "learning_rate" in done.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_stage_without_its_input_names_the_missing_stage(tmp_path):
+    (tmp_path / "params.yaml").write_text("{}\n")
+    done = _run(["-m", "flows.register"], tmp_path)
+    assert done.returncode == 7, done.stderr[-2000:]
+    assert "Run the teacher stage first" in done.stderr
