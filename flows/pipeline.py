@@ -9,7 +9,6 @@ One MLflow parent run per execution, with a nested run per stage. The same stage
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -69,18 +68,26 @@ def summary_markdown(results: list[dict], registered: dict | None, seconds: floa
     machine = results[0].get("machine", {}) if results else {}
     if machine:
         lines.append(f"Measured on {machine.get('cpu_model', '?')}, {machine.get('threads', '?')} threads, "
-                     f"torch {machine.get('torch_version', '?')}.")
+                     f"torch {machine.get('torch', '?')}, onnxruntime {machine.get('onnxruntime', '?')}.")
     lines.append(f"Pipeline wall time: {seconds / 60:.1f} min.")
     return "\n".join(lines)
 
 
 def record_in_dvc() -> None:
-    """``dvc commit`` so dvc.lock matches what this run produced; skipped outside a DVC repo."""
-    if not Path(".dvc").is_dir() or not Path("dvc.yaml").is_file() or shutil.which("dvc") is None:
+    """``dvc commit`` so dvc.lock matches what this run produced; skipped outside a DVC repo.
+
+    Runs DVC through this interpreter (``python -m dvc``): ``make run`` calls .venv/bin/python
+    without the venv on PATH.
+    """
+    if not Path(".dvc").is_dir() or not Path("dvc.yaml").is_file():
+        print("bertshrink: note: not a DVC repository here; dvc.lock not updated.", file=sys.stderr)
         return
-    done = subprocess.run(["dvc", "commit", "--force", "--quiet"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         print(f"bertshrink: note: `dvc commit` failed, dvc.lock not updated:\n{done.stderr}", file=sys.stderr)
+    else:
+        print("bertshrink: results recorded in dvc.lock; `dvc repro` now reruns only what changes.")
 
 
 @flow(name="pipeline")

@@ -45,9 +45,22 @@ def serving_requirements() -> list[str]:
 
 
 def text_classification_pipeline(model_dir: str):
+    """An absolute path: MLflow treats a relative 'models/teacher' as a Hub id and queries the Hub."""
     from transformers import pipeline
 
-    return pipeline("text-classification", model=str(model_dir), tokenizer=str(model_dir), device="cpu")
+    location = str(Path(model_dir).resolve())
+    return pipeline("text-classification", model=location, tokenizer=location, device="cpu")
+
+
+def model_card(meta: dict, summary: dict):
+    """The card MLflow stores with the model, from our metadata (no Hub lookup)."""
+    from huggingface_hub import ModelCard
+
+    lines = [f"# {meta.get('kind', 'model')} fine-tuned by bertshrink", "",
+             f"- source model: `{meta.get('source_model')}`", f"- labels: {meta.get('label_names')}",
+             f"- data content hash: `{meta.get('data_content_hash')}`", f"- max length: {meta.get('max_length')}",
+             *[f"- {k}: {v}" for k, v in summary.items()]]
+    return ModelCard("\n".join(lines))
 
 
 # A tracking server can be briefly unreachable; retrying the whole registration is safe.
@@ -68,6 +81,7 @@ def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, 
             # A built pipeline, not the folder path: MLflow 3.17's path route breaks on transformers 5.
             transformers_model=text_classification_pipeline(model_dir),
             name="model",
+            model_card=model_card(meta, summary),
             pip_requirements=serving_requirements(),
             registered_model_name=registry.model_name,
             metadata={"bertshrink": {k: meta.get(k) for k in ("kind", "source_model", "label_names", "max_length")}},
