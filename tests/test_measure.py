@@ -122,7 +122,7 @@ def test_evaluate_model_and_flat_metrics(tiny_model, splits):
     result = measure.evaluate_model(tiny_model, splits, FAST, seed=0)
 
     assert set(result) == {"model_dir", "metrics", "parameters", "size", "latency",
-                           "peak_memory_mb", "machine", "eval_seconds"}
+                           "peak_memory_mb", "peak_memory_scope", "machine", "eval_seconds"}
     assert set(result["metrics"]) == {"validation", "test"}
     for name, df in (("validation", splits["validation"]), ("test", splits["test"])):
         assert 0.0 <= result["metrics"][name]["accuracy"] <= 1.0
@@ -157,3 +157,19 @@ def test_machine_info():
     assert {"avx2", "avx512_vnni", "amx_tile"} <= set(info["cpu_flags"])
     assert all(isinstance(v, bool) for v in info["cpu_flags"].values())
     assert info["cpu_model"]
+
+
+def test_peak_memory_can_be_reset_between_models():
+    import sys
+
+    import numpy as np
+
+    from bertshrink.measure import peak_memory_mb, reset_peak_memory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("peak reset uses /proc")
+    big = np.ones(400_000_000 // 8)  # ~400 MB touched
+    with_big = peak_memory_mb()
+    del big
+    assert reset_peak_memory() is True
+    assert peak_memory_mb() < with_big - 200
