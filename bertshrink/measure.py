@@ -313,13 +313,25 @@ def reset_peak_memory() -> bool:
         return False
 
 
-def peak_memory_mb() -> float:
-    """Peak resident memory of the process since the last reset (or since start), in MiB."""
+def _proc_status_mb(field: str) -> float | None:
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024.0  # kB
+    return None
+
+
+def current_memory_mb() -> float | None:
+    """Resident memory now, in MiB (None where /proc is missing)."""
+    return _proc_status_mb("VmRSS")
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of the process since the last reset (or since start), in MiB."""
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
@@ -348,6 +360,9 @@ def evaluate_model(model_dir: Path, splits: dict[str, pd.DataFrame], params: Eva
         )
     gc.collect()
     peak_is_this_model = reset_peak_memory()  # else: a lifetime peak, and the result says so
+    # What the process already held (e.g. after training in the same process), so the model's
+    # own share shows as the increase.
+    baseline_mb = current_memory_mb()
     runner = load_runner(model_dir, params)
     if params.max_length > runner.max_length_limit:
         log.warning("max_length %d exceeds what %s supports; using %d", params.max_length,
@@ -364,13 +379,16 @@ def evaluate_model(model_dir: Path, splits: dict[str, pd.DataFrame], params: Eva
     texts = _latency_texts(splits, eval_splits)
     latency = {f"batch_{b}": measure_latency(runner, runner.tokenizer, texts, b, params, seed)
                for b in params.batch_sizes}
+    peak = peak_memory_mb()
     return {
         "model_dir": str(model_dir),
         "metrics": metrics,
         "parameters": runner.num_parameters(),
         "size": size_on_disk(model_dir),
         "latency": latency,
-        "peak_memory_mb": peak_memory_mb(),
+        "peak_memory_mb": peak,
+        "memory_baseline_mb": baseline_mb,
+        "peak_memory_increase_mb": None if baseline_mb is None else peak - baseline_mb,
         "peak_memory_scope": "evaluation" if peak_is_this_model else "process lifetime",
         "machine": machine_info(params.threads),
         "eval_seconds": time.perf_counter() - start,

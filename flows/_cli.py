@@ -33,13 +33,16 @@ def parse_args(description: str, argv: list[str] | None = None, extra: Callable 
 
 
 def run_stage(flow_fn: Callable, description: str, argv: list[str] | None = None, extra: Callable | None = None,
-              **flow_kwargs) -> None:
-    """``python -m flows.<stage>``: load params (fail fast), run the flow, exit non-zero on error."""
+              cli_args: tuple[str, ...] = ()) -> None:
+    """``python -m flows.<stage>``: load params (fail fast), run the flow, exit non-zero on error.
+
+    ``extra`` adds stage-specific options to the parser; ``cli_args`` names those passed to the flow.
+    """
     quiet_libraries()
     args = parse_args(description, argv, extra)
     try:
         params: Params = load_params(args.params)
-        extra_kwargs = {k: getattr(args, k) for k in flow_kwargs.get("cli_args", ())}
+        extra_kwargs = {name: getattr(args, name) for name in cli_args}
         flow_fn(params=params, parent_run_id=args.parent_run_id, **extra_kwargs)
     except BertshrinkError as err:
         print(f"\nbertshrink: {type(err).__name__}: {err}", file=sys.stderr)

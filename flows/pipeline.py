@@ -8,7 +8,6 @@ One MLflow parent run per execution, with a nested run per stage. The same stage
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time

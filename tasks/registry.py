@@ -12,22 +12,13 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from bertshrink.errors import MissingArtifactError
+from bertshrink.measure import flat_metrics
 from bertshrink.modeling import read_model_meta
 from bertshrink.params import RegistryParams
 from tasks.tracking import git_commit, log_metrics
 
 SUMMARY_METRICS = ("test.accuracy", "test.macro_f1", "validation.accuracy", "size.total_bytes",
                    "parameters", "latency.batch_1.p50_ms", "latency.batch_1.p95_ms")
-
-
-def _flat(result: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in result.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 SERVING_PACKAGES = ("transformers", "torch", "tokenizers", "safetensors", "accelerate")
@@ -74,7 +65,8 @@ def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, 
             f"{metrics_file} not found: evaluate {model_dir} first "
             "(`python -m flows.evaluate` or `dvc repro evaluate`)."
         )
-    metrics = _flat(json.loads(Path(metrics_file).read_text()))
+    result = json.loads(Path(metrics_file).read_text())
+    metrics = flat_metrics(result)
     summary = {k: metrics[k] for k in SUMMARY_METRICS if k in metrics}
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
@@ -95,7 +87,7 @@ def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, 
         "git_commit": git_commit(),
         "params": json.dumps(meta.get("params", {}), sort_keys=True),
         "training_run_id": meta.get("training_run_id", "unknown"),
-        "evaluation_run_id": metrics.get("evaluation_run_id", "unknown"),
+        "evaluation_run_id": result.get("evaluation_run_id", "unknown"),
         **{f"metric.{k}": v for k, v in summary.items()},
     }
     for key, value in tags.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -162,3 +163,16 @@ def test_write_and_load_round_trip(tmp_path):
 def test_load_prepared_names_the_stage(tmp_path):
     with pytest.raises(MissingArtifactError, match="flows.prepare"):
         load_prepared(tmp_path / "nowhere")
+
+
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2"
+
+
+@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="../shared/datasets/sst2 not present")
+def test_shared_sst2_folder_loads_with_its_own_splits():
+    raw = load_raw_dataset(str(SST2), text_column="sentence", label_column="label")
+    assert raw.label_names == ["0", "1"]
+    assert len(raw.splits["train"]) == 67349 and len(raw.splits["validation"]) == 872  # dev.tsv
+    prepared = prepare_splits(raw, DataParams(max_train_samples=2000, max_eval_samples=500), seed=0)
+    assert prepared.meta["rows"] == {"train": 2000, "validation": 500, "test": 500}
+    assert prepared.meta["provenance"]["validation"].endswith("dev.tsv")

@@ -122,7 +122,8 @@ def test_evaluate_model_and_flat_metrics(tiny_model, splits):
     result = measure.evaluate_model(tiny_model, splits, FAST, seed=0)
 
     assert set(result) == {"model_dir", "metrics", "parameters", "size", "latency",
-                           "peak_memory_mb", "peak_memory_scope", "machine", "eval_seconds"}
+                           "peak_memory_mb", "peak_memory_scope", "memory_baseline_mb",
+                           "peak_memory_increase_mb", "machine", "eval_seconds"}
     assert set(result["metrics"]) == {"validation", "test"}
     for name, df in (("validation", splits["validation"]), ("test", splits["test"])):
         assert 0.0 <= result["metrics"][name]["accuracy"] <= 1.0

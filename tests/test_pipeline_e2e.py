@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -77,6 +76,7 @@ def test_pipeline_end_to_end(workdir, tiny_bert, toy_csv, prefect_server):
     version = client.get_model_version_by_alias("tiny-teacher", "teacher")
     assert str(version.version) == out["registered"]["version"]
     assert version.tags["data_content_hash"] == meta["content_hash"]
+    assert float(version.tags["metric.test.accuracy"]) == metrics["metrics"]["test"]["accuracy"]
     assert "git_commit" in version.tags and json.loads(version.tags["params"])["max_length"] == 32
 
     # one parent run per execution, a nested run per stage
