@@ -22,7 +22,7 @@ test: install         ## the test suite (offline, ~minutes on 2 cores)
 	$(PY) -m pytest -q
 
 repro: install        ## the same stages through DVC, rerunning only what changed
-	$(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro   # dvc.yaml stages call `python`: the venv's
 
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db

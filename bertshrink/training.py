@@ -75,9 +75,23 @@ def pick_device_and_precision(precision: str) -> tuple[str, dict[str, bool]]:
     return "cuda", {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def _training_code_hash() -> str:
+    """This module's and the model loader's source, plus library versions: a code change must
+    not resume from checkpoints that older code wrote."""
+    import transformers
+
+    from bertshrink import modeling
+
+    digest = hashlib.sha256(f"{torch.__version__}|{transformers.__version__}".encode())
+    for source in (Path(__file__), Path(modeling.__file__)):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
 def fingerprint(params: TeacherParams, data_hash: str, seed: int) -> str:
     """Identifies a training run: checkpoints are only resumed for the same fingerprint."""
-    payload = json.dumps({"params": params.model_dump(mode="json"), "data": data_hash, "seed": seed}, sort_keys=True)
+    payload = json.dumps({"params": params.model_dump(mode="json"), "data": data_hash, "seed": seed,
+                          "code": _training_code_hash()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -176,6 +190,8 @@ def fine_tune(prepared: PreparedData, params: TeacherParams, output_dir: Path, w
         **(extra_meta or {}),
     }
     save_model_folder(trainer.model.cpu(), tokenizer, meta, output_dir)
+    # Checkpoints exist to resume an interrupted run; once the model is saved they are spent.
+    shutil.rmtree(work_dir, ignore_errors=True)
     return TrainResult(Path(output_dir), metrics, trainer.state.log_history, resume_from, device)
 
 

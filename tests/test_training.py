@@ -66,6 +66,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, tiny_bert, prepa
     result = fine_tune(prepared, params, tmp_path / "teacher", tmp_path / "ckpt", seed=0)
     assert result.resumed_from.endswith("checkpoint-4")
     assert (tmp_path / "teacher" / "model.safetensors").is_file()
+    assert not (tmp_path / "ckpt").exists()  # spent once the model is saved
 
 
 def test_checkpoints_of_other_params_are_not_resumed(tmp_path, tiny_bert, prepared):
@@ -76,6 +77,8 @@ def test_checkpoints_of_other_params_are_not_resumed(tmp_path, tiny_bert, prepar
     (work / "checkpoint-2" / "trainer_state.json").write_text("{}")
     new = fingerprint(tiny_params(tiny_bert, learning_rate=1e-3), prepared.content_hash, 0)
     assert new != old
+    assert fingerprint(tiny_params(tiny_bert), "other-data-hash", 0) != old
+    assert fingerprint(tiny_params(tiny_bert), prepared.content_hash, 1) != old
     assert _checkpoint_to_resume(work, new, resume=True) is None
     assert not (work / "checkpoint-2").exists()
     assert json.loads((work / "bertshrink-fingerprint.json").read_text())["fingerprint"] == new
