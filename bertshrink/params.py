@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bertshrink.errors import ParamsError
+from bertshrink.recipes import CompressParams
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
@@ -142,6 +143,7 @@ class Params(_Section):
     teacher: TeacherParams = TeacherParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
+    compress: CompressParams = CompressParams()  # recipes; run by the compress stage (issue 3)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
