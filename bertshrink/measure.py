@@ -166,11 +166,14 @@ class TorchClassifier:
     return_tensors = "pt"
 
     def __init__(self, model_dir: Path):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from bertshrink.structure import load_classifier
 
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(self.model_dir)
+        # Pruned heads / FFN widths are not expressible in a standard config; this restores them.
+        model = load_classifier(self.model_dir)
         self.model = model.to("cpu").eval()
         self.num_labels = int(self.model.config.num_labels)
         self.max_length_limit = _max_length_limit(self.tokenizer, self.model.config)

@@ -31,6 +31,8 @@ def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length:
     from transformers.utils import logging as hf_logging
 
     location = resolve_model_source(spec)
+    if _is_restructured_folder(location):
+        return _load_restructured(location, label_names, max_length)
     id2label = dict(enumerate(label_names))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -48,6 +50,34 @@ def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length:
     finally:
         hf_logging.set_verbosity(verbosity)
     # Downstream users (evaluation, MLflow pipelines) truncate at the length we trained with.
+    tokenizer.model_max_length = max_length
+    return tokenizer, model
+
+
+def _is_restructured_folder(location: str) -> bool:
+    """A local folder whose config records pruned heads / FFN widths (see bertshrink.structure)."""
+    from bertshrink.structure import FFN_KEY, HEADS_KEY
+
+    config = Path(location) / "config.json"
+    if not config.is_file():
+        return False
+    recorded = json.loads(config.read_text())
+    return recorded.get(HEADS_KEY) is not None or recorded.get(FFN_KEY) is not None
+
+
+def _load_restructured(location: str, label_names: list[str], max_length: int):
+    """A pruned model keeps its head: the label set must be the one it was trained for."""
+    from transformers import AutoTokenizer
+
+    from bertshrink.structure import load_classifier
+
+    model = load_classifier(location)
+    if model.config.num_labels != len(label_names):
+        raise ModelSourceError(
+            f"{location} is a pruned classifier for {model.config.num_labels} labels; the data has "
+            f"{len(label_names)}. Start from an unpruned model for a new label set."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(location)
     tokenizer.model_max_length = max_length
     return tokenizer, model
 

@@ -44,11 +44,9 @@ def build_tiny_bert(folder: Path, num_labels: int | None = None) -> Path:
     # transformers 5 takes the WordPiece vocab as a dict (the v4 `vocab_file=` is ignored there).
     tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=64)
+                        intermediate_size=37, max_position_embeddings=64, num_labels=num_labels or 2)
     torch.manual_seed(0)
     model = BertForSequenceClassification(config) if num_labels else BertModel(config)
-    if num_labels:
-        model.config.num_labels = num_labels
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -1,0 +1,209 @@
+"""Run a compression recipe: each step reads the current model folder and writes the next one.
+
+The teacher folder is never modified. Every step records parameters before/after and its time;
+the last step's folder becomes the candidate, in the same format as the teacher, so the same
+evaluate and register code handles it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from bertshrink.data import PreparedData, replace_dir
+from bertshrink.modeling import MODEL_META_FILE, read_model_meta, save_model_folder
+from bertshrink.recipes import (DistillStep, DropLayersStep, FinetuneStep, MagnitudeStep, PruneFfnStep,
+                                PruneHeadsStep, PruneVocabStep, Recipe)
+
+IMPORTANCE_BATCH_SIZE = 16
+
+
+@dataclass
+class StepRecord:
+    """What one step did: for the candidate's metadata and the tracking run."""
+
+    index: int
+    kind: str
+    params: dict[str, Any]
+    parameters_before: int
+    parameters_after: int
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RecipeContext:
+    """What every step may need besides the current model folder."""
+
+    teacher_dir: Path
+    prepared: PreparedData
+    work_dir: Path
+    seed: int
+    max_length: int
+
+
+def _load(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    from bertshrink.structure import load_classifier
+
+    return load_classifier(model_dir), AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _save(model, tokenizer, source_dir: Path, target: Path, **extra) -> None:
+    meta = {**read_model_meta(source_dir), **extra}
+    save_model_folder(model, tokenizer, meta, target)
+
+
+def _importance_batches(tokenizer, prepared: PreparedData, n_batches: int, max_length: int, seed: int) -> list[dict]:
+    """Labelled batches from the train split for gradient-based importance."""
+    import torch
+
+    frame = prepared.splits["train"].sample(frac=1.0, random_state=seed)
+    batches = []
+    for start in range(0, min(len(frame), n_batches * IMPORTANCE_BATCH_SIZE), IMPORTANCE_BATCH_SIZE):
+        chunk = frame.iloc[start:start + IMPORTANCE_BATCH_SIZE]
+        batch = tokenizer(chunk["text"].tolist(), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        batch["labels"] = torch.tensor(chunk["label"].to_numpy())
+        batches.append(dict(batch))
+    return batches
+
+
+# ---------------------------------------------------------------- structural steps
+
+
+def _drop_layers(step: DropLayersStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    from bertshrink.prune import drop_layers
+
+    model, tokenizer = _load(current)
+    strategy = list(step.layers) if step.strategy == "explicit" else step.strategy
+    model, report = drop_layers(model, strategy, n_drop=step.n_drop)
+    _save(model, tokenizer, current, out)
+    return report
+
+
+def _prune_heads(step: PruneHeadsStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    from bertshrink.prune import head_importance, prune_heads, select_heads
+
+    model, tokenizer = _load(current)
+    batches = _importance_batches(tokenizer, ctx.prepared, step.importance_batches, ctx.max_length, ctx.seed)
+    importance = head_importance(model, batches)
+    heads = select_heads(importance, ratio=step.ratio, count=step.count, scope=step.scope)
+    model, report = prune_heads(model, heads)
+    _save(model, tokenizer, current, out)
+    return {"pruned_heads": {str(k): v for k, v in heads.items()}, **report}
+
+
+def _prune_ffn(step: PruneFfnStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    from bertshrink.prune import prune_ffn
+
+    model, tokenizer = _load(current)
+    model, report = prune_ffn(model, step.ratio)
+    _save(model, tokenizer, current, out)
+    return report
+
+
+def _prune_vocab(step: PruneVocabStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    from bertshrink.prune import prune_vocab
+
+    model, tokenizer = _load(current)
+    # The training texts only: evaluation texts must not decide what the model can read.
+    texts = ctx.prepared.splits["train"]["text"].tolist()
+    model, tokenizer, report = prune_vocab(model, tokenizer, texts, keep_tokens=step.keep_tokens)
+    _save(model, tokenizer, current, out)
+    return report
+
+
+def _magnitude(step: MagnitudeStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    from bertshrink.prune import magnitude_prune
+
+    model, tokenizer = _load(current)
+    model, report = magnitude_prune(model, step.sparsity)
+    _save(model, tokenizer, current, out)
+    return report
+
+
+# ---------------------------------------------------------------- training steps
+
+
+def _distill(step: DistillStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    from bertshrink.distill import DistillConfig, distill
+
+    config = DistillConfig(
+        student_layers=step.student_layers, teacher_layers=list(step.teacher_layers) if step.teacher_layers else None,
+        temperature=step.temperature, alpha_ce=step.alpha_ce, alpha_kd=step.alpha_kd, alpha_hidden=step.alpha_hidden,
+        alpha_attention=step.alpha_attention, alpha_embedding=step.alpha_embedding, two_stage=step.two_stage,
+        epochs=step.epochs, learning_rate=step.learning_rate, batch_size=step.batch_size,
+        max_length=ctx.max_length, seed=ctx.seed,
+    )
+    # A step before this one already shaped the student; otherwise it is cut from the teacher.
+    student_dir = None if current == ctx.teacher_dir else current
+    result = distill(ctx.teacher_dir, ctx.prepared, config, out, ctx.work_dir / f"ckpt-{out.name}", student_dir=student_dir)
+    return {"metrics": getattr(result, "metrics", {})}
+
+
+def _finetune(step: FinetuneStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    from bertshrink.params import TeacherParams
+    from bertshrink.training import fine_tune
+
+    params = TeacherParams(model=str(current), max_length=ctx.max_length, epochs=step.epochs,
+                           learning_rate=step.learning_rate, batch_size=step.batch_size, resume=False)
+    result = fine_tune(ctx.prepared, params, out, ctx.work_dir / f"ckpt-{out.name}", ctx.seed,
+                       extra_meta={k: v for k, v in read_model_meta(current).items() if k.startswith("recipe")})
+    return {"metrics": result.metrics}
+
+
+STEP_RUNNERS: dict[type, Callable[..., dict]] = {
+    DropLayersStep: _drop_layers, PruneHeadsStep: _prune_heads, PruneFfnStep: _prune_ffn,
+    PruneVocabStep: _prune_vocab, MagnitudeStep: _magnitude, DistillStep: _distill, FinetuneStep: _finetune,
+}
+
+
+def _parameters(model_dir: Path) -> int:
+    model, _ = _load(model_dir)
+    return _count(model)
+
+
+def run_recipe(name: str, recipe: Recipe, teacher_dir: Path, prepared: PreparedData, output_dir: Path,
+               work_dir: Path, seed: int, max_length: int) -> list[StepRecord]:
+    """Apply ``recipe`` to a copy of the teacher; the candidate lands in ``output_dir`` whole."""
+    teacher_dir, work_dir = Path(teacher_dir), Path(work_dir)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    ctx = RecipeContext(teacher_dir, prepared, work_dir, seed, max_length)
+    current, records = teacher_dir, []
+    before = _parameters(teacher_dir)
+    for index, step in enumerate(recipe.steps):
+        out = work_dir / f"step-{index:02d}-{step.kind}"
+        started = time.perf_counter()
+        details = STEP_RUNNERS[type(step)](step, current, out, ctx)
+        after = _parameters(out)
+        records.append(StepRecord(index, step.kind, step.model_dump(mode="json", exclude={"kind"}), before, after,
+                                  time.perf_counter() - started, details))
+        current, before = out, after
+    _finish_candidate(name, recipe, current, teacher_dir, records, Path(output_dir))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return records
+
+
+def _finish_candidate(name: str, recipe: Recipe, last: Path, teacher_dir: Path, records: list[StepRecord],
+                      output_dir: Path) -> None:
+    """Stamp the recipe and lineage into the last step's folder and swap it in as the candidate."""
+    teacher_meta = read_model_meta(teacher_dir)
+    meta = read_model_meta(last)
+    meta.update({
+        "kind": "candidate", "recipe": name, "recipe_steps": [asdict(r) for r in records],
+        "teacher_dir": str(teacher_dir), "teacher_training_run_id": teacher_meta.get("training_run_id"),
+        "data_content_hash": teacher_meta.get("data_content_hash"), "label_names": teacher_meta.get("label_names"),
+    })
+    (last / MODEL_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    replace_dir(last, output_dir)

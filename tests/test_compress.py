@@ -1,0 +1,73 @@
+"""Recipes end to end on the tiny BERT: steps compose, shrink the model, and leave a candidate folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bertshrink.compress import run_recipe
+from bertshrink.data import prepare_splits
+from bertshrink.measure import TorchClassifier
+from bertshrink.modeling import read_model_meta
+from bertshrink.params import DataParams, TeacherParams, parse_params
+from bertshrink.sources import RawDataset
+from bertshrink.training import fine_tune
+from conftest import toy_corpus
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    frame = toy_corpus(30)
+    names = sorted(frame["label"].unique())
+    frame["label"] = frame["label"].map({n: i for i, n in enumerate(names)})
+    return prepare_splits(RawDataset({"train": frame}, names, "toy"), DataParams(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tiny_bert, prepared):
+    root = tmp_path_factory.mktemp("teacher")
+    params = TeacherParams(model=str(tiny_bert), max_length=32, epochs=20, batch_size=8, learning_rate=3e-3,
+                           warmup_ratio=0.0, save_steps=1000)
+    return fine_tune(prepared, params, root / "teacher", root / "ckpt", seed=0).model_dir
+
+
+def recipe(raw):
+    return next(iter(parse_params({"compress": {"recipes": {"r": raw}}}).compress.recipes.values()))
+
+
+def test_two_step_recipe_prunes_then_recovers(tmp_path, teacher, prepared):
+    records = run_recipe("heads-50", recipe([{"prune_heads": {"ratio": 0.5, "importance_batches": 2}},
+                                            {"finetune": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 8}}]),
+                         teacher, prepared, tmp_path / "candidates" / "heads-50", tmp_path / "work", seed=0, max_length=32)
+    assert [r.kind for r in records] == ["prune_heads", "finetune"]
+    assert records[0].parameters_after < records[0].parameters_before
+    assert records[1].parameters_after == records[0].parameters_after  # fine-tuning keeps the shape
+    candidate = tmp_path / "candidates" / "heads-50"
+    meta = read_model_meta(candidate)
+    assert meta["kind"] == "candidate" and meta["recipe"] == "heads-50"
+    assert [s["kind"] for s in meta["recipe_steps"]] == ["prune_heads", "finetune"]
+    assert meta["data_content_hash"] == prepared.content_hash
+    assert not (tmp_path / "work").exists()
+    # the same evaluation runner loads the pruned candidate (one head per layer left)
+    runner = TorchClassifier(candidate)
+    assert [layer.attention.self.num_attention_heads for layer in runner.model.bert.encoder.layer] == [1, 1]
+    predictions = runner.predict(prepared.splits["test"]["text"].tolist(), 8, 32)
+    assert len(predictions) == len(prepared.splits["test"])
+    # the teacher folder is untouched
+    assert read_model_meta(teacher)["kind"] == "teacher"
+
+
+def test_structural_recipe_keeps_in_corpus_predictions(tmp_path, teacher, prepared):
+    run_recipe("vocab", recipe(["prune_vocab"]), teacher, prepared, tmp_path / "vocab", tmp_path / "work", 0, 32)
+    before, after = TorchClassifier(teacher), TorchClassifier(tmp_path / "vocab")
+    texts = prepared.splits["train"]["text"].tolist()
+    torch.testing.assert_close(after.logits(texts, 8, 32), before.logits(texts, 8, 32))
+    rows = lambda r: r.model.bert.embeddings.word_embeddings.weight.shape[0]  # noqa: E731
+    assert rows(after) < rows(before)
+
+
+def test_failing_step_leaves_no_candidate(tmp_path, teacher, prepared):
+    with pytest.raises(ValueError):
+        run_recipe("bad", recipe([{"drop_layers": {"strategy": "explicit", "layers": [0, 1]}}]), teacher, prepared,
+                   tmp_path / "bad", tmp_path / "work", 0, 32)
+    assert not (tmp_path / "bad").exists()
