@@ -134,6 +134,11 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     steps: tuple[Step, ...] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _step_order(self) -> "Recipe":
+        _vocab_pruning_before_training(self.steps)
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _from_list(cls, raw: Any) -> Any:
@@ -142,6 +147,14 @@ class Recipe(BaseModel):
         if isinstance(raw, dict) and isinstance(raw.get("steps"), list):
             raw = {**raw, "steps": [_tag_step(step) for step in raw["steps"]]}
         return raw
+
+
+def _vocab_pruning_before_training(steps) -> None:
+    """Distillation and fine-tuning read with the teacher's vocabulary, so pruning it must come last."""
+    kinds = [step.kind for step in steps]
+    if "prune_vocab" in kinds and any(k in ("distill", "finetune") for k in kinds[kinds.index("prune_vocab"):]):
+        raise ValueError("put prune_vocab after distill/finetune: the teacher reads the full vocabulary, and "
+                         "prune_vocab is lossless for the training corpus, so nothing is lost by doing it last")
 
 
 class CompressParams(BaseModel):

@@ -71,3 +71,25 @@ def test_failing_step_leaves_no_candidate(tmp_path, teacher, prepared):
         run_recipe("bad", recipe([{"drop_layers": {"strategy": "explicit", "layers": [0, 1]}}]), teacher, prepared,
                    tmp_path / "bad", tmp_path / "work", 0, 32)
     assert not (tmp_path / "bad").exists()
+
+
+def test_drop_then_distill_recipe_end_to_end(tmp_path, teacher, prepared):
+    """The two-step recipe of the issue: physically drop a layer, then distill the teacher into it."""
+    steps = [{"drop_layers": {"strategy": "top", "n_drop": 1}},
+             {"distill": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 8, "alpha_hidden": 1.0}}]
+    records = run_recipe("drop-distill", recipe(steps), teacher, prepared, tmp_path / "cand", tmp_path / "work", 0, 32)
+    assert [r.kind for r in records] == ["drop_layers", "distill"]
+    assert records[0].parameters_after < records[0].parameters_before
+    student, reference = TorchClassifier(tmp_path / "cand"), TorchClassifier(teacher)
+    assert student.model.config.num_hidden_layers == 1
+    texts = prepared.splits["validation"]["text"].tolist()
+    agreement = (student.predict(texts, 8, 32) == reference.predict(texts, 8, 32)).mean()
+    assert agreement >= 0.8
+
+
+def test_head_pruned_student_can_be_distilled(tmp_path, teacher, prepared):
+    steps = [{"prune_heads": {"count": 1, "importance_batches": 2}},
+             {"distill": {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}}]
+    run_recipe("heads-distill", recipe(steps), teacher, prepared, tmp_path / "cand", tmp_path / "work", 0, 32)
+    heads = [layer.attention.self.num_attention_heads for layer in TorchClassifier(tmp_path / "cand").model.bert.encoder.layer]
+    assert sorted(heads) == [1, 2]

@@ -17,11 +17,11 @@ def test_recipes_parse_into_typed_steps_in_order():
         "distill-3l": [{"distill": {"student_layers": 3}}],
         "heads-50": [{"prune_heads": {"ratio": 0.5}}, {"distill": {}}],
         "small": [{"drop_layers": {"strategy": "alternate", "n_drop": 3}}, {"prune_ffn": {"ratio": 0.5}},
-                  "prune_vocab", {"distill": {"alpha_hidden": 1.0}}],
+                  {"distill": {"alpha_hidden": 1.0}}, "prune_vocab"],
     })
     small = parsed.recipes["small"].steps
-    assert [type(s) for s in small] == [DropLayersStep, PruneFfnStep, PruneVocabStep, DistillStep]
-    assert small[0].n_drop == 3 and small[3].alpha_hidden == 1.0 and small[3].temperature == 2.0
+    assert [type(s) for s in small] == [DropLayersStep, PruneFfnStep, DistillStep, PruneVocabStep]
+    assert small[0].n_drop == 3 and small[2].alpha_hidden == 1.0 and small[2].temperature == 2.0
     assert isinstance(parsed.recipes["heads-50"].steps[0], PruneHeadsStep)
 
 
@@ -39,6 +39,7 @@ def test_default_params_have_no_recipes():
     ({"r1": [{"magnitude": {"sparsity": 1.0}}]}, "compress.recipes.r1.steps.0.magnitude.sparsity"),
     ({"r1": []}, "compress.recipes.r1.steps"),
     ({"bad name": ["prune_vocab"]}, "recipe name 'bad name'"),
+    ({"r1": ["prune_vocab", {"distill": {}}]}, "put prune_vocab after distill/finetune"),
 ])
 def test_bad_recipes_fail_naming_recipe_and_step(raw, fragment):
     with pytest.raises(ParamsError) as err:

@@ -1,0 +1,271 @@
+"""Distillation: the losses by hand, layer maps, cut-down students, and short distill() runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+
+from bertshrink.data import prepare_splits
+from bertshrink.distill import (
+    DistillConfig,
+    attention_loss,
+    count_parameters,
+    distill,
+    embedding_mse_loss,
+    hidden_mse_loss,
+    init_student_from_teacher,
+    kd_logits_loss,
+    uniform_layer_map,
+)
+from bertshrink.modeling import load_tokenizer_and_classifier, read_model_meta
+from bertshrink.params import DataParams, TeacherParams
+from bertshrink.sources import RawDataset
+from bertshrink.training import fine_tune
+from conftest import build_tiny_bert, toy_corpus
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and on busy cores OpenMP spin-waits slow them 10x+."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------ losses
+
+
+def test_kd_loss_known_value():
+    # One example, teacher logits [0, 0] -> p_t = [0.5, 0.5]; student logits [2*ln 3, 0] at T=2
+    # -> s/T = [ln 3, 0] -> p_s = [3/4, 1/4].
+    # KL(p_t || p_s) = 0.5*ln(0.5/0.75) + 0.5*ln(0.5/0.25) = 0.5*ln(2/3) + 0.5*ln 2 = 0.5*ln(4/3)
+    # times T^2 = 4 -> 2*ln(4/3) = 0.575364...
+    student = torch.tensor([[2 * math.log(3.0), 0.0]])
+    teacher = torch.tensor([[0.0, 0.0]])
+    assert kd_logits_loss(student, teacher, 2.0).item() == pytest.approx(2 * math.log(4 / 3), rel=1e-5)
+    # batchmean: a batch of two identical rows has the same value.
+    assert kd_logits_loss(student.repeat(2, 1), teacher.repeat(2, 1), 2.0).item() == pytest.approx(2 * math.log(4 / 3), rel=1e-5)
+
+
+def test_kd_loss_zero_when_equal_and_scales_with_t_squared():
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    assert kd_logits_loss(logits, logits.clone(), 3.0).item() == pytest.approx(0.0, abs=1e-6)
+    s, t = torch.tensor([[1.0, -1.0, 0.5]]), torch.tensor([[0.2, 0.3, -0.4]])
+    # The KL part at T depends on s/T, t/T; feeding s*2, t*2 at T=2 gives the same KL as s, t at T=1,
+    # so the documented T^2 factor is the only difference: exactly 4x.
+    assert kd_logits_loss(2 * s, 2 * t, 2.0).item() == pytest.approx(4 * kd_logits_loss(s, t, 1.0).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        kd_logits_loss(s, t, 0.0)
+
+
+def test_kd_loss_gradient_step_moves_student_towards_teacher():
+    teacher = torch.tensor([[2.0, -1.0, 0.0], [0.0, 1.0, 3.0]])
+    student = torch.zeros(2, 3, requires_grad=True)
+    before = kd_logits_loss(student, teacher, 2.0)
+    before.backward()
+    with torch.no_grad():
+        stepped = student - 0.5 * student.grad
+    assert kd_logits_loss(stepped, teacher, 2.0).item() < before.item()
+    assert torch.argmax(stepped, dim=-1).tolist() == [0, 2]
+
+
+def test_hidden_and_embedding_mse():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 8, generator=g)
+    assert hidden_mse_loss(h, h.clone()).item() == 0.0
+    assert embedding_mse_loss(h, h.clone()).item() == 0.0
+    # Padding positions do not count when a mask is given.
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    noisy = h.clone()
+    noisy[0, 3:] += 100.0
+    assert hidden_mse_loss(noisy, h, attention_mask=mask).item() == 0.0
+    assert hidden_mse_loss(noisy, h).item() > 0
+    # Different widths: a projection student 4 -> teacher 8, and gradients reach it.
+    student = torch.randn(2, 5, 4, generator=g)
+    proj = nn.Linear(4, 8)
+    loss = hidden_mse_loss(student, h, proj, mask)
+    loss.backward()
+    assert loss.item() > 0 and proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    emb_proj = nn.Linear(4, 8)
+    embedding_mse_loss(student, h, emb_proj).backward()
+    assert emb_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="projection"):
+        hidden_mse_loss(student, h)
+
+
+def test_attention_loss():
+    attn = torch.softmax(torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1)), dim=-1)
+    assert attention_loss(attn, attn.clone()).item() == 0.0
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert attention_loss(attn, attn.clone(), mask).item() == 0.0
+    assert attention_loss(attn, attn.flip(-1), mask).item() > 0
+    with pytest.raises(ValueError, match="student has 2 heads, teacher has 4"):
+        attention_loss(attn[:, :2], attn)
+
+
+def test_uniform_layer_map():
+    assert uniform_layer_map(3, 6) == [1, 3, 5]
+    assert uniform_layer_map(2, 6) == [2, 5]
+    assert uniform_layer_map(6, 6) == list(range(6))
+    assert uniform_layer_map(1, 4) == [3]
+    odd = uniform_layer_map(4, 6)
+    assert len(odd) == 4 and odd[-1] == 5 and odd == sorted(set(odd))
+    with pytest.raises(ValueError, match="more layers than the teacher"):
+        uniform_layer_map(7, 6)
+    with pytest.raises(ValueError, match="n_student"):
+        uniform_layer_map(0, 6)
+    with pytest.raises(ValueError, match="n_teacher"):
+        uniform_layer_map(1, 0)
+
+
+def test_distill_config_validation():
+    assert DistillConfig(student_layers=2).temperature == 2.0
+    for bad, field in [(dict(temperature=0), "temperature"), (dict(alpha_kd=-1), "alpha_kd"),
+                       (dict(student_layers=0), "student_layers"), (dict(epochs=0), "epochs"),
+                       (dict(batch_size=0), "batch_size"), (dict(teacher_layers=[]), "teacher_layers"),
+                       (dict(two_stage=True), "two_stage"), (dict(learning_rate=2.0), "learning_rate"),
+                       (dict(student_layers=3, teacher_layers=[0, 1]), "student_layers")]:
+        with pytest.raises(ValueError, match=f"DistillConfig.{field}"):
+            DistillConfig(**bad)
+
+
+# ------------------------------------------------------------------------------------ students
+
+
+def test_init_student_from_teacher(tmp_path):
+    folder = build_tiny_bert(tmp_path / "tiny", num_labels=3)
+    _, teacher = load_tokenizer_and_classifier(str(folder), ["a", "b", "c"], 32)
+    student = init_student_from_teacher(teacher, [1])
+    assert student.config.num_hidden_layers == 1 and teacher.config.num_hidden_layers == 2
+    assert count_parameters(student) < count_parameters(teacher)
+    s_state, t_state = student.state_dict(), teacher.state_dict()
+    for name, value in s_state.items():
+        source = name.replace("encoder.layer.0.", "encoder.layer.1.")
+        assert torch.equal(value, t_state[source]), name
+    student.save_pretrained(tmp_path / "student")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
+    assert loaded.config.num_hidden_layers == 1
+    x = torch.tensor([[2, 10, 11, 3]])
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(input_ids=x).logits, student.eval()(input_ids=x).logits, atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        init_student_from_teacher(teacher, [2])
+    with pytest.raises(ValueError, match="repeats"):
+        init_student_from_teacher(teacher, [0, 0])
+
+
+# ------------------------------------------------------------------------------------ distill()
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    frame = toy_corpus(30)
+    names = sorted(frame["label"].unique())
+    frame["label"] = frame["label"].map({n: i for i, n in enumerate(names)})
+    return prepare_splits(RawDataset({"train": frame}, names, "toy"), DataParams(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory, prepared):
+    """A 4-layer tiny BERT (toy vocab) fine-tuned to ~100% on the toy corpus."""
+    root = tmp_path_factory.mktemp("distill")
+    encoder = build_tiny_bert(root / "encoder4")
+    config = BertConfig.from_pretrained(encoder)
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(encoder)
+    params = TeacherParams(model=str(encoder), max_length=32, epochs=20, batch_size=8, learning_rate=3e-3,
+                           warmup_ratio=0.0, logging_steps=50, save_steps=10_000)
+    result = fine_tune(prepared, params, root / "teacher", root / "teacher-ckpt", seed=0)
+    assert result.metrics["eval_accuracy"] >= 0.9
+    return result.model_dir
+
+
+def _predict(folder, texts):
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        batch = tokenizer(list(texts), truncation=True, max_length=32, padding=True, return_tensors="pt")
+        return model(**batch).logits.argmax(-1)
+
+
+def _quick(**kw) -> DistillConfig:
+    base = dict(student_layers=2, epochs=8, learning_rate=3e-3, batch_size=8, max_length=32, warmup_ratio=0.0,
+                logging_steps=5, seed=0, alpha_ce=0.5, alpha_kd=0.5, alpha_hidden=1.0, alpha_attention=1.0)
+    return DistillConfig(**{**base, **kw})
+
+
+def test_distill_student_agrees_with_trained_teacher(tmp_path, trained_teacher, prepared):
+    result = distill(trained_teacher, prepared, _quick(), tmp_path / "student", tmp_path / "work")
+    out = result.model_dir
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not (tmp_path / "work").exists()
+    meta = read_model_meta(out)
+    assert meta["kind"] == "distilled" and meta["teacher_layers"] == [1, 3]
+    assert meta["label_names"] == prepared.label_names and meta["data_content_hash"] == prepared.content_hash
+    assert meta["parameters_after"] < meta["parameters_before"]
+    assert meta["distill"]["alpha_attention"] == 1.0 and meta["max_length"] == 32
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert math.isfinite(result.metrics["train_loss"])
+    keys = load_file(out / "model.safetensors").keys()
+    assert not any("projection" in k for k in keys)
+    student = AutoModelForSequenceClassification.from_pretrained(out)
+    assert student.config.num_hidden_layers == 2
+    texts = prepared.splits["train"]["text"]
+    agree = (_predict(out, texts) == _predict(trained_teacher, texts)).float().mean().item()
+    assert agree >= 0.8, agree
+
+
+def test_distill_into_narrower_student_trains_projections_not_saved(tmp_path, trained_teacher, prepared, monkeypatch):
+    """A student_dir with a different width: W_h/W_e are learned, and absent from the saved model."""
+    from bertshrink import distill as distill_module
+
+    config = BertConfig.from_pretrained(trained_teacher)
+    small = BertConfig(vocab_size=config.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=20, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(1)
+    from transformers import BertForSequenceClassification
+
+    BertForSequenceClassification(small).save_pretrained(tmp_path / "small")
+    seen = {}
+    original = distill_module.DistillationTrainer.train
+
+    def spy(self, *a, **kw):
+        before = {k: v.detach().clone() for k, v in self.projections.state_dict().items()}
+        out = original(self, *a, **kw)
+        seen["before"], seen["after"] = before, self.projections.state_dict()
+        seen["components"] = dict(self.last_loss_components)
+        return out
+
+    monkeypatch.setattr(distill_module.DistillationTrainer, "train", spy)
+    cfg = _quick(epochs=8, alpha_embedding=1.0, alpha_attention=0.5)
+    result = distill(trained_teacher, prepared, cfg, tmp_path / "student", tmp_path / "work",
+                     student_dir=tmp_path / "small")
+    assert set(seen["before"]) == {"hidden.weight", "hidden.bias", "embedding.weight", "embedding.bias"}
+    assert all(not torch.equal(seen["before"][k], seen["after"][k].cpu()) for k in seen["before"])
+    assert set(seen["components"]) == {"ce", "kd", "hidden", "attention", "embedding"}
+    saved = load_file(result.model_dir / "model.safetensors")
+    assert not any(k.startswith(("hidden.", "embedding.")) or "projection" in k for k in saved)
+    assert set(saved) == set(BertForSequenceClassification(small).state_dict())
+    assert read_model_meta(result.model_dir)["teacher_layers"] is None
+    # A randomly initialised, narrower student learns the teacher's decisions from distillation.
+    texts = prepared.splits["train"]["text"]
+    agree = (_predict(result.model_dir, texts) == _predict(trained_teacher, texts)).float().mean().item()
+    assert agree >= 0.8, agree
+
+
+def test_two_stage_runs(tmp_path, trained_teacher, prepared):
+    cfg = _quick(epochs=1, two_stage=True, teacher_layers=[0, 2], student_layers=None)
+    result = distill(trained_teacher, prepared, cfg, tmp_path / "student", tmp_path / "work")
+    stages = {h.get("stage") for h in result.history}
+    assert stages == {"intermediate", "prediction"}
+    assert "intermediate_train_loss" in result.metrics and math.isfinite(result.metrics["train_loss"])
+    assert read_model_meta(result.model_dir)["teacher_layers"] == [0, 2]
+    assert AutoModelForSequenceClassification.from_pretrained(result.model_dir).config.num_hidden_layers == 2
