@@ -43,3 +43,9 @@ class MissingArtifactError(BertshrinkError):
     """A stage needs the output of an earlier stage that is not there."""
 
     exit_code = 7
+
+
+class CompressionError(BertshrinkError):
+    """One or more compression recipes failed (the others still ran)."""
+
+    exit_code = 8

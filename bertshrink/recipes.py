@@ -166,6 +166,8 @@ class CompressParams(BaseModel):
     @model_validator(mode="after")
     def _names_are_folder_safe(self) -> "CompressParams":
         for name in self.recipes:
+            if name == "teacher":
+                raise ValueError("a recipe cannot be named 'teacher' (that name is the teacher's metrics and folder)")
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"recipe name '{name}' must be letters, digits, '-' or '_' (it names a folder)")
         return self

@@ -107,3 +107,52 @@ def test_bad_data_stops_before_training(workdir, tiny_bert, prefect_server):
         pipeline_flow(params_file=str(params_file), dvc_commit=False)
     assert "text" in str(err.value)
     assert not (workdir / "models/teacher").exists()
+
+
+def test_compress_stage_runs_recipes_and_reports_failures(workdir, tiny_bert, toy_csv, prefect_server, monkeypatch):
+    """A two-step recipe becomes an evaluated candidate; a failing recipe is reported, not fatal to others."""
+    from mlflow.tracking import MlflowClient
+
+    import bertshrink.compress as compress
+    from bertshrink.errors import CompressionError
+    from bertshrink.params import load_params
+    from bertshrink.recipes import PruneFfnStep
+    from flows.compress import compress_flow
+    from flows.evaluate import evaluate_flow
+    from flows.pipeline import pipeline_flow
+
+    recipes = {"recipes": {
+        "drop-distill": [{"drop_layers": {"strategy": "top", "n_drop": 1}},
+                         {"distill": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 8}}],
+        "broken": [{"prune_ffn": {"ratio": 0.5}}],
+    }}
+    params_file = write_params(workdir, toy_csv, tiny_bert, compress=recipes)
+    pipeline_flow(params_file=str(params_file), dvc_commit=False)
+    params = load_params(params_file)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated step failure")
+
+    monkeypatch.setitem(compress.STEP_RUNNERS, PruneFfnStep, boom)
+    with pytest.raises(CompressionError) as err:
+        compress_flow(params)
+    assert "broken: RuntimeError: simulated step failure" in str(err.value)
+    assert "1 of 2 recipe(s) failed" in str(err.value)
+
+    candidate = workdir / "models/candidates/drop-distill"
+    assert json.loads((candidate / "bertshrink.json").read_text())["recipe"] == "drop-distill"
+    assert not (workdir / "models/candidates/broken").exists()
+    summary = json.loads((workdir / "reports/compress/summary.json").read_text())
+    assert [s["recipe"] for s in summary["succeeded"]] == ["drop-distill"] and "broken" in summary["failed"]
+
+    client = MlflowClient()
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("e2e").experiment_id])}
+    good = runs["compress:drop-distill"]
+    assert good.data.tags["teacher_model_version"] == "1" and good.data.tags["steps"] == "drop_layers -> distill"
+    assert good.data.metrics["step0.parameters_after"] < good.data.metrics["step0.parameters_before"]
+    assert runs["compress:broken"].info.status == "FAILED"
+
+    [result] = evaluate_flow(params, model_dirs=[str(candidate)])
+    metrics = json.loads((workdir / "metrics/drop-distill.json").read_text())
+    assert metrics["parameters"] == result["parameters"] < json.loads((workdir / "metrics/teacher.json").read_text())["parameters"]
+    assert metrics["metrics"]["test"]["accuracy"] >= 0.6

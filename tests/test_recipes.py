@@ -39,6 +39,7 @@ def test_default_params_have_no_recipes():
     ({"r1": [{"magnitude": {"sparsity": 1.0}}]}, "compress.recipes.r1.steps.0.magnitude.sparsity"),
     ({"r1": []}, "compress.recipes.r1.steps"),
     ({"bad name": ["prune_vocab"]}, "recipe name 'bad name'"),
+    ({"teacher": ["prune_vocab"]}, "cannot be named 'teacher'"),
     ({"r1": ["prune_vocab", {"distill": {}}]}, "put prune_vocab after distill/finetune"),
 ])
 def test_bad_recipes_fail_naming_recipe_and_step(raw, fragment):

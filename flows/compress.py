@@ -1,0 +1,66 @@
+"""Stage flow: run compression recipes on the teacher (``python -m flows.compress [--recipe NAME]``).
+
+Each recipe gets its own MLflow run and candidate folder ``models/candidates/<recipe>``. One recipe
+failing does not stop the others; the flow reports which failed and why, and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow
+
+from bertshrink.errors import CompressionError, ParamsError
+from bertshrink.params import Params
+from bertshrink.recipes import check_against_teacher
+from flows._cli import run_stage
+from tasks.compress import compress_recipe
+from tasks.tracking import stage_run
+
+
+def _teacher_shape(params: Params) -> tuple[int, int]:
+    config = json.loads((params.base.teacher_dir / "config.json").read_text())
+    return config["num_hidden_layers"], config["num_attention_heads"]
+
+
+def _selected(params: Params, names: list[str] | None) -> list[str]:
+    unknown = [n for n in names or [] if n not in params.compress.recipes]
+    if unknown:
+        raise ParamsError(f"unknown recipe(s) {unknown}; params.yaml compress.recipes has: "
+                          f"{', '.join(params.compress.recipes) or 'none'}")
+    return list(names or params.compress.recipes)
+
+
+@flow(name="compress")
+def compress_flow(params: Params, parent_run_id: str | None = None, recipes: list[str] | None = None) -> dict:
+    """Run the named recipes (default: all); returns the candidates made and the failures."""
+    names = _selected(params, recipes)
+    if names:
+        problems = check_against_teacher(params.compress, *_teacher_shape(params))
+        if problems:
+            raise ParamsError("Recipes that cannot apply to this teacher:\n  - " + "\n  - ".join(problems))
+    succeeded, failed = [], {}
+    for name in names:
+        try:
+            with stage_run(f"compress:{name}", params.registry, parent_run_id) as run_id:
+                succeeded.append(compress_recipe(name, params.compress.recipes[name], params.base, run_id))
+        except Exception as err:  # one failing recipe must not stop the others
+            failed[name] = f"{type(err).__name__}: {err}"
+    summary = {"succeeded": succeeded, "failed": failed}
+    out = Path(params.base.reports_dir) / "compress" / "summary.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    if failed:
+        lines = "\n".join(f"  - {name}: {why}" for name, why in failed.items())
+        raise CompressionError(f"{len(failed)} of {len(names)} recipe(s) failed (the others were kept):\n{lines}")
+    return summary
+
+
+def _recipe_arg(parser) -> None:
+    parser.add_argument("--recipe", dest="recipes", action="append", default=None,
+                        help="recipe to run (repeatable; default: all in params.yaml compress.recipes)")
+
+
+if __name__ == "__main__":
+    run_stage(compress_flow, __doc__, extra=_recipe_arg, cli_args=("recipes",))
