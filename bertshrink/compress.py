@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bertshrink.data import PreparedData, replace_dir
-from bertshrink.modeling import MODEL_META_FILE, read_model_meta, save_model_folder
+from bertshrink.modeling import MODEL_META_FILE, count_parameters, read_model_meta, save_model_folder
 from bertshrink.recipes import (DistillStep, DropLayersStep, FinetuneStep, MagnitudeStep, PruneFfnStep,
                                 PruneHeadsStep, PruneVocabStep, Recipe)
 
@@ -54,10 +54,6 @@ def _load(model_dir: Path):
     return load_classifier(model_dir), AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _save(model, tokenizer, source_dir: Path, target: Path, **extra) -> None:
     meta = {**read_model_meta(source_dir), **extra}
     save_model_folder(model, tokenizer, meta, target)
@@ -80,55 +76,60 @@ def _importance_batches(tokenizer, prepared: PreparedData, n_batches: int, max_l
 # ---------------------------------------------------------------- structural steps
 
 
+def _edit_folder(current: Path, out: Path, edit: Callable) -> dict:
+    """Load ``current``, apply ``edit(model, tokenizer) -> (model, tokenizer, report)``, save to ``out``."""
+    model, tokenizer = _load(current)
+    model, tokenizer, report = edit(model, tokenizer)
+    _save(model, tokenizer, current, out)
+    return report
+
+
+def _model_only(prune_fn: Callable, *args, **kwargs) -> Callable:
+    """Adapt ``prune_fn(model, ...) -> (model, report)`` to ``_edit_folder``'s edit signature."""
+    def edit(model, tokenizer):
+        model, report = prune_fn(model, *args, **kwargs)
+        return model, tokenizer, report
+    return edit
+
+
 def _drop_layers(step: DropLayersStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
     from bertshrink.prune import drop_layers
 
-    model, tokenizer = _load(current)
     strategy = list(step.layers) if step.strategy == "explicit" else step.strategy
-    model, report = drop_layers(model, strategy, n_drop=step.n_drop)
-    _save(model, tokenizer, current, out)
-    return report
+    return _edit_folder(current, out, _model_only(drop_layers, strategy, n_drop=step.n_drop))
 
 
 def _prune_heads(step: PruneHeadsStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
     from bertshrink.prune import head_importance, prune_heads, select_heads
 
-    model, tokenizer = _load(current)
-    batches = _importance_batches(tokenizer, ctx.prepared, step.importance_batches, ctx.max_length, ctx.seed)
-    importance = head_importance(model, batches)
-    heads = select_heads(importance, ratio=step.ratio, count=step.count, scope=step.scope)
-    model, report = prune_heads(model, heads)
-    _save(model, tokenizer, current, out)
-    return {"pruned_heads": {str(k): v for k, v in heads.items()}, **report}
+    def edit(model, tokenizer):
+        batches = _importance_batches(tokenizer, ctx.prepared, step.importance_batches, ctx.max_length, ctx.seed)
+        heads = select_heads(head_importance(model, batches), ratio=step.ratio, count=step.count, scope=step.scope)
+        model, report = prune_heads(model, heads)
+        return model, tokenizer, {"pruned_heads": {str(k): v for k, v in heads.items()}, **report}
+
+    return _edit_folder(current, out, edit)
 
 
 def _prune_ffn(step: PruneFfnStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
     from bertshrink.prune import prune_ffn
 
-    model, tokenizer = _load(current)
-    model, report = prune_ffn(model, step.ratio)
-    _save(model, tokenizer, current, out)
-    return report
+    return _edit_folder(current, out, _model_only(prune_ffn, step.ratio))
 
 
 def _prune_vocab(step: PruneVocabStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
     from bertshrink.prune import prune_vocab
 
-    model, tokenizer = _load(current)
     # The training texts only: evaluation texts must not decide what the model can read.
     texts = ctx.prepared.splits["train"]["text"].tolist()
-    model, tokenizer, report = prune_vocab(model, tokenizer, texts, keep_tokens=step.keep_tokens)
-    _save(model, tokenizer, current, out)
-    return report
+    return _edit_folder(current, out, lambda model, tokenizer: prune_vocab(model, tokenizer, texts,
+                                                                          keep_tokens=step.keep_tokens))
 
 
 def _magnitude(step: MagnitudeStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
     from bertshrink.prune import magnitude_prune
 
-    model, tokenizer = _load(current)
-    model, report = magnitude_prune(model, step.sparsity)
-    _save(model, tokenizer, current, out)
-    return report
+    return _edit_folder(current, out, _model_only(magnitude_prune, step.sparsity))
 
 
 # ---------------------------------------------------------------- training steps
@@ -169,7 +170,7 @@ STEP_RUNNERS: dict[type, Callable[..., dict]] = {
 
 def _parameters(model_dir: Path) -> int:
     model, _ = _load(model_dir)
-    return _count(model)
+    return count_parameters(model)
 
 
 def run_recipe(name: str, recipe: Recipe, teacher_dir: Path, prepared: PreparedData, output_dir: Path,

@@ -25,17 +25,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DataCollatorWithPadding, set_seed
+from transformers import set_seed
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from bertshrink.data import PreparedData
-from bertshrink.modeling import save_model_folder
+from bertshrink.modeling import count_parameters, save_model_folder
 from bertshrink.params import TeacherParams
 from bertshrink.training import (
     GuardedTrainer,
     TrainResult,
     _check_finite_weights,
-    accuracy_metric,
+    build_trainer,
     pick_device_and_precision,
     tokenize_splits,
     training_arguments,
@@ -184,10 +184,6 @@ def init_student_from_teacher(teacher_model, layers: list[int]):
     encoder.layer = nn.ModuleList(kept)
     student.config.num_hidden_layers = len(layers)
     return student
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------- config
@@ -463,15 +459,9 @@ def distill(teacher_dir, prepared: PreparedData, config: DistillConfig, output_d
     metrics: dict[str, float] = {}
     for stage in stages:
         stage_dir = work_dir / (stage or "single")
-        trainer = DistillationTrainer(
-            model=student,
-            args=training_arguments(config.training_params(str(teacher_dir)), stage_dir, config.seed, precision_flags, device),
-            train_dataset=encoded["train"],
-            eval_dataset=encoded["validation"],
-            processing_class=tokenizer,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=accuracy_metric,
-            callbacks=callbacks,
+        args = training_arguments(config.training_params(str(teacher_dir)), stage_dir, config.seed, precision_flags, device)
+        trainer = build_trainer(
+            DistillationTrainer, student, args, encoded, tokenizer, callbacks,
             teacher=teacher,
             weights=config.weights(stage),
             layer_map=layer_map,

@@ -30,6 +30,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 
 from bertshrink.errors import MissingArtifactError, ModelSourceError
+from bertshrink.modeling import count_parameters
 from bertshrink.params import EvaluateParams
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,6 @@ def classification_metrics(labels: Sequence[int], predictions: Sequence[int],
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         "n": int(len(y_true)),
     }
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameter values (tied weights are counted once, as torch lists them once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def _is_shipped(rel: Path) -> bool:

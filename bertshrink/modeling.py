@@ -54,6 +54,11 @@ def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length:
     return tokenizer, model
 
 
+def count_parameters(model) -> int:
+    """Number of parameter values (tied weights are counted once, as torch lists them once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def _is_restructured_folder(location: str) -> bool:
     """A local folder whose config records pruned heads / FFN widths (see bertshrink.structure)."""
     from bertshrink.structure import FFN_KEY, HEADS_KEY

@@ -14,14 +14,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from bertshrink.modeling import count_parameters
 from bertshrink.structure import FFN_KEY, HEADS_KEY, FactorizedEmbedding, _encoder_layers
 
 LAYER_STRATEGIES = ("top", "bottom", "alternate", "symmetric")
-
-
-def count_parameters(model) -> int:
-    """Number of parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- layer dropping

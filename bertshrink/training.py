@@ -126,6 +126,21 @@ def accuracy_metric(eval_pred) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
+def build_trainer(trainer_cls, model, args: TrainingArguments, encoded: dict, tokenizer, callbacks=None, **extra):
+    """A Trainer on tokenized train/validation splits, padded per batch, reporting accuracy."""
+    return trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=encoded["train"],
+        eval_dataset=encoded["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=accuracy_metric,
+        callbacks=callbacks,
+        **extra,
+    )
+
+
 def training_arguments(params: TeacherParams, work_dir: Path, seed: int, precision_flags: dict, device: str) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(work_dir),
@@ -163,16 +178,8 @@ def fine_tune(prepared: PreparedData, params: TeacherParams, output_dir: Path, w
     encoded = tokenize_splits(prepared, tokenizer, params.max_length)
     fp = fingerprint(params, prepared.content_hash, seed)
     resume_from = _checkpoint_to_resume(Path(work_dir), fp, params.resume)
-    trainer = GuardedTrainer(
-        model=model,
-        args=training_arguments(params, Path(work_dir), seed, precision_flags, device),
-        train_dataset=encoded["train"],
-        eval_dataset=encoded["validation"],
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=accuracy_metric,
-        callbacks=callbacks,
-    )
+    args = training_arguments(params, Path(work_dir), seed, precision_flags, device)
+    trainer = build_trainer(GuardedTrainer, model, args, encoded, tokenizer, callbacks)
     train_output = trainer.train(resume_from_checkpoint=resume_from)
     eval_metrics = trainer.evaluate()
     _check_finite_weights(trainer.model)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pandas as pd
 
+from bertshrink.data import normalize_text
 from bertshrink.errors import DataValidationError
 
 if TYPE_CHECKING:
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 TEXT, LABEL = "text", "label"
 ALL_SPLITS = "all"
 _CLIP_CHARS = 80
-_WS = re.compile(r"\s+")
 
 
 @dataclass
@@ -322,8 +321,7 @@ def _normalise(text: Any) -> Any:
     """strip + lower + collapse whitespace; blanks and non-strings become None (not compared)."""
     if not isinstance(text, str):
         return None
-    norm = _WS.sub(" ", text.strip().lower())
-    return norm or None
+    return normalize_text(text) or None  # the same form prepare dedups on, so the two agree
 
 
 def _leakage_frame(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:

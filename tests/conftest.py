@@ -52,6 +52,25 @@ def build_tiny_bert(folder: Path, num_labels: int | None = None) -> Path:
     return folder
 
 
+def toy_raw(rows_per_class: int = 40):
+    """The toy corpus as a raw dataset with int labels (names sorted), one train split."""
+    from bertshrink.sources import RawDataset
+
+    frame = toy_corpus(rows_per_class)
+    names = sorted(frame["label"].unique())
+    frame["label"] = frame["label"].map({n: i for i, n in enumerate(names)})
+    return RawDataset({"train": frame}, names, "toy")
+
+
+@pytest.fixture(scope="session")
+def prepared():
+    """Seeded train/validation/test splits of a 90-row toy corpus (read-only; shared)."""
+    from bertshrink.data import prepare_splits
+    from bertshrink.params import DataParams
+
+    return prepare_splits(toy_raw(30), DataParams(), seed=0)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A plain tiny BERT encoder (no head), like the packaged all-MiniLM-L6-v2."""

@@ -6,21 +6,10 @@ import pytest
 import torch
 
 from bertshrink.compress import run_recipe
-from bertshrink.data import prepare_splits
 from bertshrink.measure import TorchClassifier
 from bertshrink.modeling import read_model_meta
-from bertshrink.params import DataParams, TeacherParams, parse_params
-from bertshrink.sources import RawDataset
+from bertshrink.params import TeacherParams, parse_params
 from bertshrink.training import fine_tune
-from conftest import toy_corpus
-
-
-@pytest.fixture(scope="module")
-def prepared():
-    frame = toy_corpus(30)
-    names = sorted(frame["label"].unique())
-    frame["label"] = frame["label"].map({n: i for i, n in enumerate(names)})
-    return prepare_splits(RawDataset({"train": frame}, names, "toy"), DataParams(), seed=0)
 
 
 @pytest.fixture(scope="module")

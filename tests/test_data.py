@@ -12,7 +12,7 @@ from bertshrink.data import load_prepared, normalize_text, prepare_splits, write
 from bertshrink.errors import DataSourceError, MissingArtifactError, ModelSourceError
 from bertshrink.params import DataParams
 from bertshrink.sources import RawDataset, load_raw_dataset, resolve_model_source
-from conftest import toy_corpus
+from conftest import toy_corpus, toy_raw
 
 
 def test_packaged_bbc_news_is_the_full_corpus():
@@ -88,23 +88,16 @@ def test_model_sources(tmp_path):
         resolve_model_source("packaged:gpt-5")
 
 
-def _raw(rows_per_class=40) -> RawDataset:
-    frame = toy_corpus(rows_per_class)
-    names = sorted(frame["label"].unique())
-    frame["label"] = frame["label"].map({n: i for i, n in enumerate(names)})
-    return RawDataset({"train": frame}, names, "toy")
-
-
 def test_split_is_deterministic_and_seeded():
-    a = prepare_splits(_raw(), DataParams(), seed=7)
-    b = prepare_splits(_raw(), DataParams(), seed=7)
-    c = prepare_splits(_raw(), DataParams(), seed=8)
+    a = prepare_splits(toy_raw(), DataParams(), seed=7)
+    b = prepare_splits(toy_raw(), DataParams(), seed=7)
+    c = prepare_splits(toy_raw(), DataParams(), seed=8)
     assert a.content_hash == b.content_hash
     assert a.content_hash != c.content_hash
 
 
 def test_split_is_stratified_and_disjoint():
-    prepared = prepare_splits(_raw(100), DataParams(validation_size=0.2, test_size=0.2), seed=0)
+    prepared = prepare_splits(toy_raw(100), DataParams(validation_size=0.2, test_size=0.2), seed=0)
     rows = prepared.meta["rows"]
     assert rows == {"train": 180, "validation": 60, "test": 60}
     for split in ("validation", "test"):
@@ -116,7 +109,7 @@ def test_split_is_stratified_and_disjoint():
 
 
 def test_duplicates_are_dropped_before_splitting():
-    raw = _raw()
+    raw = toy_raw()
     frame = raw.splits["train"]
     dupes = frame.iloc[:5].assign(text=lambda f: "  " + f["text"].str.upper() + " ")
     raw.splits["train"] = pd.concat([frame, dupes], ignore_index=True)
@@ -126,14 +119,14 @@ def test_duplicates_are_dropped_before_splitting():
 
 
 def test_duplicates_kept_when_asked():
-    raw = _raw()
+    raw = toy_raw()
     raw.splits["train"] = pd.concat([raw.splits["train"], raw.splits["train"].iloc[:5]], ignore_index=True)
     prepared = prepare_splits(raw, DataParams(drop_duplicates=False), seed=0)
     assert sum(prepared.meta["rows"].values()) == 125
 
 
 def test_train_rows_seen_in_evaluation_splits_are_dropped():
-    frame = _raw().splits["train"]
+    frame = toy_raw().splits["train"]
     raw = RawDataset({"train": frame, "test": frame.iloc[:30].copy()}, ["film", "money", "sport"], "toy")
     prepared = prepare_splits(raw, DataParams(), seed=0)
     assert prepared.meta["duplicates_dropped"]["train"] == 30
@@ -141,14 +134,14 @@ def test_train_rows_seen_in_evaluation_splits_are_dropped():
 
 
 def test_caps_are_stratified():
-    prepared = prepare_splits(_raw(100), DataParams(max_train_samples=30, max_eval_samples=12), seed=0)
+    prepared = prepare_splits(toy_raw(100), DataParams(max_train_samples=30, max_eval_samples=12), seed=0)
     assert len(prepared.splits["train"]) == 30
     assert prepared.splits["train"]["label"].value_counts().to_dict() == {0: 10, 1: 10, 2: 10}
     assert len(prepared.splits["test"]) == 12 and len(prepared.splits["validation"]) == 12
 
 
 def test_write_and_load_round_trip(tmp_path):
-    prepared = prepare_splits(_raw(), DataParams(), seed=0)
+    prepared = prepare_splits(toy_raw(), DataParams(), seed=0)
     out = write_prepared(prepared, tmp_path / "prepared")
     loaded = load_prepared(out)
     assert loaded.content_hash == prepared.content_hash
@@ -156,7 +149,7 @@ def test_write_and_load_round_trip(tmp_path):
     pd.testing.assert_frame_equal(loaded.splits["test"], prepared.splits["test"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
     # rewriting replaces the folder whole
-    write_prepared(prepare_splits(_raw(), DataParams(), seed=1), out)
+    write_prepared(prepare_splits(toy_raw(), DataParams(), seed=1), out)
     assert load_prepared(out).content_hash != prepared.content_hash
 
 

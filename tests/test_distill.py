@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
-from bertshrink.data import prepare_splits
 from bertshrink.distill import (
     DistillConfig,
     attention_loss,
@@ -23,10 +22,9 @@ from bertshrink.distill import (
     uniform_layer_map,
 )
 from bertshrink.modeling import load_tokenizer_and_classifier, read_model_meta
-from bertshrink.params import DataParams, TeacherParams
-from bertshrink.sources import RawDataset
+from bertshrink.params import TeacherParams
 from bertshrink.training import fine_tune
-from conftest import build_tiny_bert, toy_corpus
+from conftest import build_tiny_bert
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -161,14 +159,6 @@ def test_init_student_from_teacher(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ distill()
-
-
-@pytest.fixture(scope="module")
-def prepared():
-    frame = toy_corpus(30)
-    names = sorted(frame["label"].unique())
-    frame["label"] = frame["label"].map({n: i for i, n in enumerate(names)})
-    return prepare_splits(RawDataset({"train": frame}, names, "toy"), DataParams(), seed=0)
 
 
 @pytest.fixture(scope="module")

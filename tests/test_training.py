@@ -9,21 +9,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from bertshrink.data import prepare_splits
 from bertshrink.errors import TrainingError
 from bertshrink.modeling import load_tokenizer_and_classifier, read_model_meta
-from bertshrink.params import DataParams, TeacherParams
-from bertshrink.sources import RawDataset
+from bertshrink.params import TeacherParams
 from bertshrink.training import _checkpoint_to_resume, fine_tune, fingerprint
-from conftest import toy_corpus
-
-
-@pytest.fixture(scope="module")
-def prepared():
-    frame = toy_corpus(30)
-    names = sorted(frame["label"].unique())
-    frame["label"] = frame["label"].map({n: i for i, n in enumerate(names)})
-    return prepare_splits(RawDataset({"train": frame}, names, "toy"), DataParams(), seed=0)
 
 
 def tiny_params(tiny_bert, **kw) -> TeacherParams:
