@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test repro mlflow-ui clean
+.PHONY: install run test repro sst2 mlflow-ui clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ run: install          ## the whole pipeline on params.yaml (MLflow parent run + 
 
 test: install         ## the test suite (offline, ~minutes on 2 cores)
 	$(PY) -m pytest -q
+
+sst2: install         ## the same pipeline on GLUE SST-2 from ../shared/datasets/sst2 (configs/sst2.yaml)
+	$(PY) -m flows.pipeline --params configs/sst2.yaml
 
 repro: install        ## the same stages through DVC, rerunning only what changed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro   # dvc.yaml stages call `python`: the venv's

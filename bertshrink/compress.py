@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 from bertshrink.data import PreparedData, replace_dir
 from bertshrink.modeling import MODEL_META_FILE, count_parameters, read_model_meta, save_model_folder
-from bertshrink.recipes import (DistillStep, DropLayersStep, FinetuneStep, MagnitudeStep, PruneFfnStep,
-                                PruneHeadsStep, PruneVocabStep, Recipe)
+from bertshrink.recipes import (DistillStep, DropLayersStep, FactorizeEmbeddingsStep, FinetuneStep, MagnitudeStep,
+                                PruneFfnStep, PruneHeadsStep, PruneVocabStep, Recipe)
 
 IMPORTANCE_BATCH_SIZE = 16
 
@@ -126,6 +126,12 @@ def _prune_vocab(step: PruneVocabStep, current: Path, out: Path, ctx: RecipeCont
                                                                           keep_tokens=step.keep_tokens))
 
 
+def _factorize_embeddings(step: FactorizeEmbeddingsStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    from bertshrink.prune import factorize_embeddings
+
+    return _edit_folder(current, out, _model_only(factorize_embeddings, step.rank))
+
+
 def _magnitude(step: MagnitudeStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
     from bertshrink.prune import magnitude_prune
 
@@ -163,8 +169,9 @@ def _finetune(step: FinetuneStep, current: Path, out: Path, ctx: RecipeContext) 
 
 
 STEP_RUNNERS: dict[type, Callable[..., dict]] = {
-    DropLayersStep: _drop_layers, PruneHeadsStep: _prune_heads, PruneFfnStep: _prune_ffn,
-    PruneVocabStep: _prune_vocab, MagnitudeStep: _magnitude, DistillStep: _distill, FinetuneStep: _finetune,
+    DropLayersStep: _drop_layers, PruneHeadsStep: _prune_heads, PruneFfnStep: _prune_ffn, PruneVocabStep: _prune_vocab,
+    FactorizeEmbeddingsStep: _factorize_embeddings, MagnitudeStep: _magnitude, DistillStep: _distill,
+    FinetuneStep: _finetune,
 }
 
 
@@ -174,8 +181,11 @@ def _parameters(model_dir: Path) -> int:
 
 
 def run_recipe(name: str, recipe: Recipe, teacher_dir: Path, prepared: PreparedData, output_dir: Path,
-               work_dir: Path, seed: int, max_length: int) -> list[StepRecord]:
-    """Apply ``recipe`` to a copy of the teacher; the candidate lands in ``output_dir`` whole."""
+               work_dir: Path, seed: int, max_length: int, extra_meta: dict[str, Any] | None = None) -> list[StepRecord]:
+    """Apply ``recipe`` to a copy of the teacher; the candidate lands in ``output_dir`` whole.
+
+    ``extra_meta`` (e.g. tracking ids) is written into the candidate's ``bertshrink.json``.
+    """
     teacher_dir, work_dir = Path(teacher_dir), Path(work_dir)
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
@@ -190,13 +200,13 @@ def run_recipe(name: str, recipe: Recipe, teacher_dir: Path, prepared: PreparedD
         records.append(StepRecord(index, step.kind, step.model_dump(mode="json", exclude={"kind"}), before, after,
                                   time.perf_counter() - started, details))
         current, before = out, after
-    _finish_candidate(name, recipe, current, teacher_dir, records, Path(output_dir))
+    _finish_candidate(name, current, teacher_dir, records, Path(output_dir), extra_meta or {})
     shutil.rmtree(work_dir, ignore_errors=True)
     return records
 
 
-def _finish_candidate(name: str, recipe: Recipe, last: Path, teacher_dir: Path, records: list[StepRecord],
-                      output_dir: Path) -> None:
+def _finish_candidate(name: str, last: Path, teacher_dir: Path, records: list[StepRecord], output_dir: Path,
+                      extra_meta: dict[str, Any]) -> None:
     """Stamp the recipe and lineage into the last step's folder and swap it in as the candidate."""
     teacher_meta = read_model_meta(teacher_dir)
     meta = read_model_meta(last)
@@ -204,6 +214,7 @@ def _finish_candidate(name: str, recipe: Recipe, last: Path, teacher_dir: Path, 
         "kind": "candidate", "recipe": name, "recipe_steps": [asdict(r) for r in records],
         "teacher_dir": str(teacher_dir), "teacher_training_run_id": teacher_meta.get("training_run_id"),
         "data_content_hash": teacher_meta.get("data_content_hash"), "label_names": teacher_meta.get("label_names"),
+        **extra_meta,
     })
     (last / MODEL_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
     output_dir.parent.mkdir(parents=True, exist_ok=True)

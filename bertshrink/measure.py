@@ -261,23 +261,24 @@ def sample_sequence_lengths(tokenizer, texts: Sequence[str], max_length: int, n:
     return [len(x) for x in ids]
 
 
-def measure_latency(runner, tokenizer, texts: Sequence[str], batch_size: int,
-                    params: EvaluateParams, seed: int) -> dict:
-    """Latency of ``runner.forward`` on seeded batches of real texts, with fixed threads.
+def time_forward(runner, tokenizer, texts: Sequence[str], batch_size: int, params: EvaluateParams,
+                 seed: int, iterations: int | None = None) -> tuple[list[float], list[int]]:
+    """Forward-pass times (ms) and padded sequence lengths of seeded batches of real texts.
 
     Each batch is ``batch_size`` texts drawn from ``texts``, truncated at ``params.max_length``
     and padded to its longest member, so sequence lengths follow the real data. Only the forward
     pass is timed: tokenization is excluded. ``params.warmup_iterations`` batches run untimed
-    first (allocator and kernel warm-up).
+    first (allocator and kernel warm-up). The same seed draws the same batches for every model.
     """
     if not texts:
         raise ValueError("no texts to measure latency on")
     texts = list(texts)
+    iterations = params.timed_iterations if iterations is None else iterations
     rng = np.random.default_rng(seed)
     times_ms: list[float] = []
     seq_lens: list[int] = []
     with fixed_threads(params.threads):
-        for i in range(params.warmup_iterations + params.timed_iterations):
+        for i in range(params.warmup_iterations + iterations):
             encoded = tokenizer(_draw(rng, texts, batch_size), truncation=True,
                                 max_length=params.max_length, padding="longest",
                                 return_tensors=runner.return_tensors)
@@ -287,6 +288,11 @@ def measure_latency(runner, tokenizer, texts: Sequence[str], batch_size: int,
             if i >= params.warmup_iterations:
                 times_ms.append(elapsed * 1000.0)
                 seq_lens.append(int(encoded["input_ids"].shape[1]))
+    return times_ms, seq_lens
+
+
+def latency_summary(times_ms: Sequence[float], seq_lens: Sequence[int], batch_size: int) -> dict:
+    """p50/p95/mean latency, throughput and the mean padded length of timed batches."""
     mean_ms = float(np.mean(times_ms))
     return {
         "batch_size": batch_size,
@@ -297,6 +303,41 @@ def measure_latency(runner, tokenizer, texts: Sequence[str], batch_size: int,
         "mean_seq_len": float(np.mean(seq_lens)),
         "iterations": len(times_ms),
     }
+
+
+def measure_latency(runner, tokenizer, texts: Sequence[str], batch_size: int,
+                    params: EvaluateParams, seed: int) -> dict:
+    """Latency of ``runner.forward`` (see ``time_forward``), summarised."""
+    times_ms, seq_lens = time_forward(runner, tokenizer, texts, batch_size, params, seed)
+    return latency_summary(times_ms, seq_lens, batch_size)
+
+
+def compare_latency(model_dirs: Mapping[str, Path], texts: Sequence[str], params: EvaluateParams,
+                    seed: int = 0) -> dict[str, dict]:
+    """Latency of several models measured interleaved, so that they share the machine's state.
+
+    On a shared machine the speed drifts by tens of percent over minutes; models measured one
+    after another would absorb that drift into their ratios. Here each of ``params.compare_rounds``
+    rounds times every model on the same seeded batches, in a rotated order, and each model's
+    figures pool its timings over all rounds. Returns ``{name: {"batch_<b>": summary}}``.
+    """
+    runners = {name: load_runner(Path(d), params) for name, d in model_dirs.items()}
+    names = list(runners)
+    rounds = params.compare_rounds
+    per_round = max(1, params.timed_iterations // rounds)
+    results: dict[str, dict] = {name: {} for name in names}
+    for batch_size in params.batch_sizes:
+        pooled = {name: ([], []) for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                runner = runners[name]
+                times, lens = time_forward(runner, runner.tokenizer, texts, batch_size, params,
+                                           seed + r, iterations=per_round)
+                pooled[name][0].extend(times)
+                pooled[name][1].extend(lens)
+        for name, (times, lens) in pooled.items():
+            results[name][f"batch_{batch_size}"] = latency_summary(times, lens, batch_size)
+    return results
 
 
 def reset_peak_memory() -> bool:
@@ -339,7 +380,7 @@ def peak_memory_mb() -> float:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _latency_texts(splits: Mapping[str, pd.DataFrame], eval_splits: Sequence[str]) -> list[str]:
+def latency_texts(splits: Mapping[str, pd.DataFrame], eval_splits: Sequence[str] = ("validation", "test")) -> list[str]:
     # Latency uses the real test texts; fall back to the last evaluated split.
     name = "test" if "test" in splits else eval_splits[-1]
     return splits[name]["text"].astype(str).tolist()
@@ -375,7 +416,7 @@ def evaluate_model(model_dir: Path, splits: dict[str, pd.DataFrame], params: Eva
                                    params.max_length)
             metrics[name] = classification_metrics(df["label"].to_numpy(), preds,
                                                    runner.num_labels)
-    texts = _latency_texts(splits, eval_splits)
+    texts = latency_texts(splits, eval_splits)
     latency = {f"batch_{b}": measure_latency(runner, runner.tokenizer, texts, b, params, seed)
                for b in params.batch_sizes}
     peak = peak_memory_mb()

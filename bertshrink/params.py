@@ -56,6 +56,9 @@ class DataParams(_Section):
     drop_duplicates: bool = True
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+    # The source's split name -> ours, overriding the usual aliases (dev = validation), e.g.
+    # {dev: test} to report on GLUE's dev set as the papers do; `ignore` leaves a split out.
+    split_names: dict[str, Literal["train", "validation", "test", "ignore"]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _held_out_fraction_leaves_training_data(self) -> "DataParams":
@@ -107,6 +110,9 @@ class TeacherParams(_Section):
     save_steps: int = Field(50, ge=1)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     resume: bool = True
+    # LayerDrop (Fan et al., 2019): skip each encoder layer with this probability per training
+    # step, so that dropping layers afterwards (drop_layers) costs less accuracy. 0 = off.
+    layerdrop: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class EvaluateParams(_Section):
@@ -118,6 +124,8 @@ class EvaluateParams(_Section):
     timed_iterations: int = Field(20, ge=1, le=100_000)
     max_length: int = Field(128, ge=8, le=4096)
     eval_batch_size: int = Field(64, ge=1, le=4096)
+    # The pipeline's side-by-side comparison times all models interleaved over this many rounds.
+    compare_rounds: int = Field(4, ge=1, le=100)
 
     @model_validator(mode="after")
     def _batch_sizes_positive(self) -> "EvaluateParams":
@@ -130,7 +138,7 @@ class RegistryParams(_Section):
     """MLflow experiment and registered-model names."""
 
     experiment: str = Field("bertshrink", min_length=1)
-    model_name: str = Field("bertshrink-teacher", min_length=1)
+    model_name: str = Field("bertshrink-classifier", min_length=1)
     teacher_alias: str = Field("teacher", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 

@@ -8,6 +8,7 @@ layer, pruning every head) are in ``check_against_teacher``.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -102,6 +103,13 @@ class PruneVocabStep(_Step):
     keep_tokens: tuple[str, ...] = ()
 
 
+class FactorizeEmbeddingsStep(_Step):
+    """ALBERT-style low-rank word embeddings: [vocab, hidden] -> [vocab, rank] @ [rank, hidden]."""
+
+    kind: Literal["factorize_embeddings"] = "factorize_embeddings"
+    rank: int = Field(128, ge=1, le=65_536)
+
+
 class MagnitudeStep(_Step):
     """Global unstructured magnitude pruning (sparsity only; dense kernels get no speedup)."""
 
@@ -109,7 +117,8 @@ class MagnitudeStep(_Step):
     sparsity: float = Field(0.5, gt=0.0, lt=1.0)
 
 
-STEP_TYPES = (DistillStep, FinetuneStep, DropLayersStep, PruneHeadsStep, PruneFfnStep, PruneVocabStep, MagnitudeStep)
+STEP_TYPES = (DistillStep, FinetuneStep, DropLayersStep, PruneHeadsStep, PruneFfnStep, PruneVocabStep,
+              FactorizeEmbeddingsStep, MagnitudeStep)
 STEP_NAMES = tuple(t.model_fields["kind"].default for t in STEP_TYPES)
 Step = Annotated[Union[STEP_TYPES], Field(discriminator="kind")]  # noqa: UP007
 
@@ -137,6 +146,7 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _step_order(self) -> "Recipe":
         _vocab_pruning_before_training(self.steps)
+        _factorization_last_of_embedding_edits(self.steps)
         return self
 
     @model_validator(mode="before")
@@ -157,6 +167,19 @@ def _vocab_pruning_before_training(steps) -> None:
                          "prune_vocab is lossless for the training corpus, so nothing is lost by doing it last")
 
 
+def _factorization_last_of_embedding_edits(steps) -> None:
+    """prune_vocab edits the full embedding matrix, which factorization replaces; only once, too."""
+    kinds = [step.kind for step in steps]
+    if kinds.count("factorize_embeddings") > 1:
+        raise ValueError("factorize_embeddings appears twice; the embeddings can be factorised once")
+    if "factorize_embeddings" in kinds and "prune_vocab" in kinds[kinds.index("factorize_embeddings"):]:
+        raise ValueError("put prune_vocab before factorize_embeddings: it edits the full embedding matrix")
+
+
+# MLflow reserves "latest" and v<N>; champion/challenger are the promotion aliases.
+RESERVED_ALIASES = ("latest", "champion", "challenger")
+
+
 class CompressParams(BaseModel):
     """The ``compress`` section: recipe name -> recipe."""
 
@@ -168,12 +191,16 @@ class CompressParams(BaseModel):
         for name in self.recipes:
             if name == "teacher":
                 raise ValueError("a recipe cannot be named 'teacher' (that name is the teacher's metrics and folder)")
+            if name.lower() in RESERVED_ALIASES or re.fullmatch(r"[vV]\d+", name):
+                raise ValueError(f"recipe name '{name}' is reserved: the recipe name becomes its MLflow alias, and "
+                                 f"{', '.join(RESERVED_ALIASES)} and v<number> mean something else there")
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"recipe name '{name}' must be letters, digits, '-' or '_' (it names a folder)")
         return self
 
 
-def check_against_teacher(recipes: CompressParams, num_layers: int, num_heads: int) -> list[str]:
+def check_against_teacher(recipes: CompressParams, num_layers: int, num_heads: int,
+                          hidden_size: int | None = None) -> list[str]:
     """Problems that need the teacher's shape, as ``recipe[step].kind: message`` lines."""
     problems = []
     for name, recipe in recipes.recipes.items():
@@ -191,6 +218,9 @@ def check_against_teacher(recipes: CompressParams, num_layers: int, num_heads: i
                 heads = num_heads * layers
             elif isinstance(step, PruneHeadsStep) and step.count is not None and step.count >= heads - layers + 1:
                 problems.append(f"{where}: count {step.count} leaves fewer than one head per layer ({heads} heads in {layers} layers)")
+            elif isinstance(step, FactorizeEmbeddingsStep) and hidden_size and step.rank >= hidden_size:
+                problems.append(f"{where}: rank {step.rank} >= hidden size {hidden_size} saves nothing; "
+                                f"use a rank below {hidden_size} (ALBERT uses 128 for 768)")
             elif isinstance(step, DistillStep):
                 if step.student_layers is not None and step.student_layers > layers:
                     problems.append(f"{where}: student_layers {step.student_layers} > the {layers} layers available")

@@ -16,6 +16,7 @@ Model sources (``teacher.model``):
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,13 +160,13 @@ def _load_hub_dataset_dict(spec: str):
     )
 
 
-def _load_hub(spec: str, text_col: str, label_col: str) -> RawDataset:
+def _load_hub(spec: str, text_col: str, label_col: str, split_names: Mapping[str, str] | None = None) -> RawDataset:
     """``hub:glue/sst2`` -> load_dataset('glue', 'sst2'); unlabeled test splits are dropped."""
     dsd = _load_hub_dataset_dict(spec)
     names = None
     frames = {}
     for split, ds in dsd.items():
-        canonical = SPLIT_ALIASES.get(split)
+        canonical = canonical_split(split, split_names)
         if canonical is None:
             continue
         names = names or _class_names(ds.features, label_col)
@@ -191,10 +192,20 @@ def _read_table(path: Path, text_col: str, label_col: str) -> pd.DataFrame:
     return _select_columns(ds.to_pandas(), text_col, label_col, str(path))
 
 
-def _split_files(folder: Path) -> dict[str, Path]:
+def canonical_split(name: str, split_names: Mapping[str, str] | None = None) -> str | None:
+    """Our split (train/validation/test) for a source's split name, or None to leave it out.
+
+    ``split_names`` (``data.split_names``) overrides the aliases, e.g. ``{dev: test}`` makes
+    GLUE's dev set the reported test split; ``ignore`` leaves a split out.
+    """
+    chosen = (split_names or {}).get(name.lower()) or SPLIT_ALIASES.get(name.lower())
+    return None if chosen == "ignore" else chosen
+
+
+def _split_files(folder: Path, split_names: Mapping[str, str] | None = None) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        canonical = SPLIT_ALIASES.get(path.stem.lower())
+        canonical = canonical_split(path.stem, split_names)
         if canonical and path.suffix.lower() in LOCAL_FORMATS and canonical not in found:
             found[canonical] = path
     if "train" not in found:
@@ -205,29 +216,30 @@ def _split_files(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _load_local(path: Path, text_col: str, label_col: str) -> RawDataset:
-    files = _split_files(path) if path.is_dir() else {"train": path}
+def _load_local(path: Path, text_col: str, label_col: str, split_names: Mapping[str, str] | None = None) -> RawDataset:
+    files = _split_files(path, split_names) if path.is_dir() else {"train": path}
     frames = {split: _read_table(p, text_col, label_col) for split, p in files.items()}
     frames, names = encode_labels(frames, None)
     return RawDataset(frames, names, str(path), {k: str(p) for k, p in files.items()})
 
 
-def load_raw_dataset(source: str, text_column: str = "text", label_column: str = "label") -> RawDataset:
-    """Resolve ``data.source`` and read it into labelled frames."""
+def load_raw_dataset(source: str, text_column: str = "text", label_column: str = "label",
+                     split_names: Mapping[str, str] | None = None) -> RawDataset:
+    """Resolve ``data.source`` and read it into labelled frames (``split_names``: see ``canonical_split``)."""
     if source.startswith(PACKAGED_PREFIX):
         name = source[len(PACKAGED_PREFIX):]
         if name != "bbc-news":
             raise DataSourceError(f"Unknown packaged dataset '{name}'. Known: {', '.join(PACKAGED_DATASETS)}.")
         return _load_bbc_news()
     if source.startswith(HUB_PREFIX):
-        return _load_hub(source[len(HUB_PREFIX):], text_column, label_column)
+        return _load_hub(source[len(HUB_PREFIX):], text_column, label_column, split_names)
     path = Path(source).expanduser()
     if not path.exists():
         raise DataSourceError(
             f"data.source '{source}' is neither packaged:<name>, hub:<dataset> nor an existing "
             "path. Fix data.source in params.yaml."
         )
-    return _load_local(path, text_column, label_column)
+    return _load_local(path, text_column, label_column, split_names)
 
 
 def resolve_model_source(spec: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,8 @@ def fine_tune(prepared: PreparedData, params: TeacherParams, output_dir: Path, w
     resume_from = _checkpoint_to_resume(Path(work_dir), fp, params.resume)
     args = training_arguments(params, Path(work_dir), seed, precision_flags, device)
     trainer = build_trainer(GuardedTrainer, model, args, encoded, tokenizer, callbacks)
-    train_output = trainer.train(resume_from_checkpoint=resume_from)
+    with layer_drop(model, params.layerdrop):
+        train_output = trainer.train(resume_from_checkpoint=resume_from)
     eval_metrics = trainer.evaluate()
     _check_finite_weights(trainer.model)
     metrics = {**train_output.metrics, **eval_metrics}
@@ -200,6 +202,32 @@ def fine_tune(prepared: PreparedData, params: TeacherParams, output_dir: Path, w
     # Checkpoints exist to resume an interrupted run; once the model is saved they are spent.
     shutil.rmtree(work_dir, ignore_errors=True)
     return TrainResult(Path(output_dir), metrics, trainer.state.log_history, resume_from, device)
+
+
+@contextmanager
+def layer_drop(model, probability: float):
+    """LayerDrop while inside: in training mode each encoder layer is skipped with ``probability``.
+
+    A skipped layer passes its input through unchanged (a forward hook replaces its output), so
+    no gradient reaches it on that step. The layer is still computed; the point is robustness to
+    removing layers later, not faster training. In eval mode nothing is dropped.
+    """
+    if probability <= 0:
+        yield
+        return
+
+    def skip_sometimes(module, args, output):
+        if module.training and torch.rand(()) < probability:
+            return args[0]
+        return output
+
+    base = getattr(model, model.base_model_prefix, model)
+    handles = [layer.register_forward_hook(skip_sometimes) for layer in base.encoder.layer]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _check_finite_weights(model) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from bertshrink.errors import CompressionError, ParamsError
+from bertshrink.errors import CompressionError, MissingArtifactError, ParamsError
 from bertshrink.params import Params
 from bertshrink.recipes import check_against_teacher
 from flows._cli import run_stage
@@ -19,9 +19,13 @@ from tasks.compress import compress_recipe
 from tasks.tracking import stage_run
 
 
-def _teacher_shape(params: Params) -> tuple[int, int]:
-    config = json.loads((params.base.teacher_dir / "config.json").read_text())
-    return config["num_hidden_layers"], config["num_attention_heads"]
+def _teacher_shape(params: Params) -> tuple[int, int, int]:
+    config_file = params.base.teacher_dir / "config.json"
+    if not config_file.is_file():
+        raise MissingArtifactError(f"{config_file} not found: train the teacher first "
+                                   "(`python -m flows.teacher` or `dvc repro teacher`).")
+    config = json.loads(config_file.read_text())
+    return config["num_hidden_layers"], config["num_attention_heads"], config["hidden_size"]
 
 
 def _selected(params: Params, names: list[str] | None) -> list[str]:
@@ -33,8 +37,13 @@ def _selected(params: Params, names: list[str] | None) -> list[str]:
 
 
 @flow(name="compress")
-def compress_flow(params: Params, parent_run_id: str | None = None, recipes: list[str] | None = None) -> dict:
-    """Run the named recipes (default: all); returns the candidates made and the failures."""
+def compress_flow(params: Params, parent_run_id: str | None = None, recipes: list[str] | None = None,
+                  raise_on_failure: bool = True) -> dict:
+    """Run the named recipes (default: all); returns the candidates made and the failures.
+
+    With ``raise_on_failure`` (the CLI), any failed recipe ends in ``CompressionError`` after the
+    others ran; the pipeline passes False, goes on with the successes and reports at the end.
+    """
     names = _selected(params, recipes)
     if names:
         problems = check_against_teacher(params.compress, *_teacher_shape(params))
@@ -51,10 +60,15 @@ def compress_flow(params: Params, parent_run_id: str | None = None, recipes: lis
     out = Path(params.base.reports_dir) / "compress" / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
-    if failed:
-        lines = "\n".join(f"  - {name}: {why}" for name, why in failed.items())
-        raise CompressionError(f"{len(failed)} of {len(names)} recipe(s) failed (the others were kept):\n{lines}")
+    if failed and raise_on_failure:
+        raise recipes_failed(failed, len(names))
     return summary
+
+
+def recipes_failed(failed: dict[str, str], attempted: int) -> CompressionError:
+    """One error naming every failed recipe and why."""
+    lines = "\n".join(f"  - {name}: {why}" for name, why in failed.items())
+    return CompressionError(f"{len(failed)} of {attempted} recipe(s) failed (the others were kept):\n{lines}")
 
 
 def _recipe_arg(parser) -> None:

@@ -1,9 +1,11 @@
-"""The whole pipeline: prepare -> validate -> teacher -> evaluate -> register
-(``python -m flows.pipeline``; ``make run``).
+"""The whole pipeline: prepare -> validate -> teacher -> evaluate -> register -> compress ->
+evaluate and register each candidate -> compare latencies (``python -m flows.pipeline``; ``make run``).
 
-One MLflow parent run per execution, with a nested run per stage. The same stage flows are what
-``dvc repro`` runs one by one. After a successful run, ``dvc commit`` records the results in
-``dvc.lock`` so that a following ``dvc repro`` knows nothing changed.
+One MLflow parent run per execution, with a nested run per stage and per recipe. The same stage
+flows are what ``dvc repro`` runs one by one. The teacher and the candidates are measured in this
+one process, and timed once more side by side (interleaved), so their latency ratios compare. A recipe that fails (in compression, evaluation or
+registration) does not stop the others; the run ends with an error naming it. ``dvc commit`` then
+records what succeeded in ``dvc.lock``, so that a following ``dvc repro`` knows it is done.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from prefect.artifacts import create_markdown_artifact
 from bertshrink.errors import BertshrinkError
 from bertshrink.params import DEFAULT_PARAMS_FILE, Params, load_params
 from flows._cli import quiet_libraries
+from flows.compare import compare_flow
+from flows.compress import compress_flow, recipes_failed
 from flows.evaluate import evaluate_flow
 from flows.prepare import prepare_flow
 from flows.register import register_flow
@@ -27,11 +31,24 @@ from flows.validate import validate_flow
 from tasks.tracking import git_commit, log_artifact, log_metrics, pipeline_run, set_tags
 
 SUMMARY_COLUMNS = (
-    ("model", "model"), ("test acc", "metrics.test.accuracy"), ("test macro-F1", "metrics.test.macro_f1"),
-    ("val acc", "metrics.validation.accuracy"), ("params (M)", "parameters"), ("size (MB)", "size.total_bytes"),
-    ("b1 p50 ms", "latency.batch_1.p50_ms"), ("b1 p95 ms", "latency.batch_1.p95_ms"),
-    ("b32 p50 ms", "latency.batch_32.p50_ms"), ("b32 ex/s", "latency.batch_32.throughput_eps"),
+    ("model", "model"), ("test acc", "metrics.test.accuracy"), ("retention", "vs_teacher.retention"),
+    ("test macro-F1", "metrics.test.macro_f1"), ("params (M)", "parameters"), ("size (MB)", "size.total_bytes"),
+    ("smaller", "vs_teacher.smaller"), ("b1 p50 ms", "latency.batch_1.p50_ms"), ("b1 p95 ms", "latency.batch_1.p95_ms"),
+    ("b1 speedup", "vs_teacher.b1_speedup"), ("b32 p50 ms", "latency.batch_32.p50_ms"),
+    ("b32 ex/s", "latency.batch_32.throughput_eps"),
 )
+
+
+def compare_to_teacher(result: dict, teacher: dict) -> dict:
+    """Retention of the teacher's test accuracy, size and batch-1 latency ratios (x times smaller/faster)."""
+    def ratio(key, inverse=False):
+        a, b = _lookup(result, key), _lookup(teacher, key)
+        if not a or not b:
+            return None
+        return b / a if inverse else a / b
+
+    return {"retention": ratio("metrics.test.accuracy"), "smaller": ratio("size.total_bytes", inverse=True),
+            "b1_speedup": ratio("latency.batch_1.p50_ms", inverse=True)}
 
 
 def _lookup(result: dict, dotted: str):
@@ -46,24 +63,42 @@ def _lookup(result: dict, dotted: str):
 def _cell(column: str, value) -> str:
     if value is None:
         return "—"
-    if column == "params (M)":
+    if column in ("params (M)", "size (MB)"):
         return f"{value / 1e6:.1f}"
-    if column == "size (MB)":
-        return f"{value / 1e6:.1f}"
+    if column in ("smaller", "b1 speedup"):
+        return f"{value:.2f}x"
+    if column == "retention":
+        return f"{value:.1%}"
     if isinstance(value, float):
         return f"{value:.4f}" if value <= 1 else f"{value:.1f}"
     return str(value)
 
 
-def summary_markdown(results: list[dict], registered: dict | None, seconds: float) -> str:
-    """A table of every evaluated model and where it was registered."""
+def with_compared_latency(results: list[dict], comparison: dict | None) -> list[dict]:
+    """Each result with its latency from the interleaved comparison, where it has one."""
+    models = (comparison or {}).get("models", {})
+    return [{**r, "latency": models[r["model"]]["latency"]} if r.get("model") in models else r for r in results]
+
+
+def summary_markdown(results: list[dict], registered: list[dict], seconds: float,
+                     failed: dict[str, str] | None = None, comparison: dict | None = None) -> str:
+    """A table of every evaluated model (the teacher first), where each was registered, what failed."""
+    results = with_compared_latency(results, comparison)
+    teacher = results[0] if results else {}
+    rows = [{**r, "vs_teacher": compare_to_teacher(r, teacher)} for r in results]
     header = "| " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " |"
     rule = "|" + "---|" * len(SUMMARY_COLUMNS)
-    rows = ["| " + " | ".join(_cell(c, _lookup(r, key)) for c, key in SUMMARY_COLUMNS) + " |" for r in results]
-    lines = ["# bertshrink pipeline", "", header, rule, *rows, ""]
-    if registered:
-        lines.append(f"Registered `{registered['name']}` version {registered['version']} as "
-                     f"`@{registered['alias']}` (`{registered['model_uri']}`).")
+    table = ["| " + " | ".join(_cell(c, _lookup(r, key)) for c, key in SUMMARY_COLUMNS) + " |" for r in rows]
+    how = (f"Latencies from one interleaved comparison ({comparison['rounds']} rounds, same batches for every model; "
+           "`metrics/comparison.json`). " if comparison else "")
+    lines = ["# bertshrink pipeline", "", header, rule, *table, "",
+             how + "Retention, smaller and speedup are relative to the teacher, measured in this run.", ""]
+    for record in registered:
+        lines.append(f"- registered `{record['name']}` version {record['version']} as `@{record['alias']}` "
+                     f"({record.get('flavor', 'transformers')} flavour)")
+    for name, why in (failed or {}).items():
+        lines.append(f"- **failed** `{name}`: {why}")
+    lines.append("")
     machine = results[0].get("machine", {}) if results else {}
     if machine:
         lines.append(f"Measured on {machine.get('cpu_model', '?')}, {machine.get('threads', '?')} threads, "
@@ -72,21 +107,44 @@ def summary_markdown(results: list[dict], registered: dict | None, seconds: floa
     return "\n".join(lines)
 
 
-def record_in_dvc() -> None:
-    """``dvc commit`` so dvc.lock matches what this run produced; skipped outside a DVC repo.
+TEACHER_STAGES = ("prepare", "validate", "teacher", "evaluate", "register")
+COMPARE_STAGE = "compare"
+CANDIDATE_STAGES = ("compress", "evaluate-candidate", "register-candidate")
 
-    Runs DVC through this interpreter (``python -m dvc``): ``make run`` calls .venv/bin/python
-    without the venv on PATH.
+
+def dvc_stages(recipes: list[str]) -> list[str]:
+    """The dvc.yaml stages this run produced: the teacher's, and each finished recipe's foreach stages."""
+    return [*TEACHER_STAGES, *(f"{stage}@{name}" for name in recipes for stage in CANDIDATE_STAGES), COMPARE_STAGE]
+
+
+def record_in_dvc(stages: list[str]) -> None:
+    """``dvc commit`` the given stages so dvc.lock matches what this run produced; skipped outside DVC.
+
+    Only stages that succeeded: a failed recipe has no outputs to commit and stays "changed" for
+    ``dvc repro``. Runs DVC through this interpreter (``python -m dvc``): ``make run`` calls
+    .venv/bin/python without the venv on PATH.
     """
     if not Path(".dvc").is_dir() or not Path("dvc.yaml").is_file():
         print("bertshrink: note: not a DVC repository here; dvc.lock not updated.", file=sys.stderr)
         return
-    done = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"],
+    done = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet", *stages],
                           capture_output=True, text=True)
     if done.returncode != 0:
         print(f"bertshrink: note: `dvc commit` failed, dvc.lock not updated:\n{done.stderr}", file=sys.stderr)
     else:
         print("bertshrink: results recorded in dvc.lock; `dvc repro` now reruns only what changes.")
+
+
+def evaluate_and_register_candidates(params: Params, parent: str, compressed: dict) -> tuple[list, list, dict]:
+    """Each candidate through the teacher's evaluate and register code; a failure skips only that one."""
+    results, registered, failed = [], [], dict(compressed["failed"])
+    for candidate in compressed["succeeded"]:
+        try:
+            results += evaluate_flow(params, parent, [candidate["model_dir"]])
+            registered += register_flow(params, parent, [candidate["model_dir"]])
+        except Exception as err:  # one broken candidate must not stop the others
+            failed[candidate["recipe"]] = f"evaluate/register: {type(err).__name__}: {err}"
+    return results, registered, failed
 
 
 @flow(name="pipeline")
@@ -101,18 +159,28 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
         teacher_flow(params, parent)
         results = evaluate_flow(params, parent)
         registered = register_flow(params, parent)
+        compressed = compress_flow(params, parent, raise_on_failure=False)
+        candidate_results, candidate_records, failed = evaluate_and_register_candidates(params, parent, compressed)
+        results, registered = results + candidate_results, registered + candidate_records
+        comparison = compare_flow(params, parent, [r["model_dir"] for r in results]) if len(results) > 1 else None
         seconds = time.time() - started
-        markdown = summary_markdown(results, registered, seconds)
+        markdown = summary_markdown(results, registered, seconds, failed, comparison)
         summary_file = Path(params.base.reports_dir) / "pipeline_summary.md"
         summary_file.parent.mkdir(parents=True, exist_ok=True)
         summary_file.write_text(markdown)
         log_artifact(parent, summary_file)
-        log_metrics(parent, {"pipeline_seconds": seconds})
+        log_metrics(parent, {"pipeline_seconds": seconds, "recipes_failed": len(failed)})
+        set_tags(parent, {"recipes_failed": ", ".join(failed) or "none"})
         create_markdown_artifact(key="bertshrink-summary", markdown=markdown, description="Models and metrics")
-    if dvc_commit:
-        record_in_dvc()
+    if dvc_commit and Path(params_file).resolve() != Path(DEFAULT_PARAMS_FILE).resolve():
+        print(f"bertshrink: note: dvc.yaml runs {DEFAULT_PARAMS_FILE}, not {params_file}; dvc.lock not updated.",
+              file=sys.stderr)
+    elif dvc_commit:
+        record_in_dvc(dvc_stages([r["alias"] for r in candidate_records]))
     print(markdown)
-    return {"parent_run_id": parent, "registered": registered, "seconds": seconds}
+    if failed:
+        raise recipes_failed(failed, len(params.compress.recipes))
+    return {"parent_run_id": parent, "registered": registered, "results": results, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,14 +33,16 @@ def compress_recipe(name: str, recipe: Recipe, base: BaseParams, run_id: str) ->
     prepared = load_prepared(base.prepared_dir)
     teacher = read_model_meta(base.teacher_dir)
     out = candidate_dir(base, name)
+    teacher_version = teacher_model_version(base)
     records = run_recipe(name, recipe, base.teacher_dir, prepared, out, Path(base.checkpoints_dir) / "compress" / name,
-                         base.seed, int(teacher.get("max_length", 128)))
+                         base.seed, int(teacher.get("max_length", 128)),
+                         extra_meta={"compress_run_id": run_id, "teacher_model_version": teacher_version})
     log_params(run_id, {"recipe": name, **{f"step{r.index}.{r.kind}.{k}": v for r in records for k, v in r.params.items()}})
     for r in records:
         log_metrics(run_id, {f"step{r.index}.parameters_before": r.parameters_before,
                              f"step{r.index}.parameters_after": r.parameters_after, f"step{r.index}.seconds": r.seconds})
     set_tags(run_id, {"recipe": name, "steps": " -> ".join(r.kind for r in records),
                       "parent_teacher_run_id": teacher.get("training_run_id", "unknown"),
-                      "teacher_model_version": teacher_model_version(base),
+                      "teacher_model_version": teacher_version,
                       "data.content_hash": prepared.content_hash})
     return {"recipe": name, "model_dir": str(out), "parameters": records[-1].parameters_after, "run_id": run_id}

@@ -21,7 +21,7 @@ VALIDATION_RESULT = "validation.json"
 @task(name="prepare-data", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def prepare_data(data: DataParams, base: BaseParams, run_id: str) -> dict:
     """Load the source, split it, write Parquet + meta.json; returns the meta."""
-    raw = load_raw_dataset(data.source, data.text_column, data.label_column)
+    raw = load_raw_dataset(data.source, data.text_column, data.label_column, data.split_names)
     prepared = prepare_splits(raw, data, base.seed)
     out_dir = write_prepared(prepared, base.prepared_dir)
     log_params(run_id, {f"data.{k}": v for k, v in data.model_dump(mode="json").items()})

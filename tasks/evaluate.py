@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from bertshrink.data import load_prepared
-from bertshrink.measure import evaluate_model, flat_metrics
+from bertshrink.measure import compare_latency, evaluate_model, flat_metrics, latency_texts, machine_info
 from bertshrink.params import BaseParams, EvaluateParams
 from tasks.tracking import log_artifact, log_metrics, log_params, set_tags
 
@@ -34,3 +34,37 @@ def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, base: BasePara
                       **{f"machine.{k}": v for k, v in result.get("machine", {}).items()}})
     log_artifact(run_id, out)
     return result
+
+
+def comparison_path(base: BaseParams) -> Path:
+    return Path(base.metrics_dir) / "comparison.json"
+
+
+@task(name="compare-latency", cache_policy=NO_CACHE)
+def compare_latency_task(model_dirs: list[str], evaluate: EvaluateParams, base: BaseParams, run_id: str) -> dict:
+    """Time every model interleaved on the same batches -> ``metrics/comparison.json`` + MLflow.
+
+    The first folder is the reference (the teacher): ratios are to it.
+    """
+    prepared = load_prepared(base.prepared_dir)
+    dirs = {Path(d).name: Path(d) for d in model_dirs}
+    latency = compare_latency(dirs, latency_texts(prepared.splits), evaluate, seed=base.seed)
+    reference = next(iter(dirs))
+    models = {name: {"latency": lat, "speedup_vs_" + reference: speedups(lat, latency[reference])}
+              for name, lat in latency.items()}
+    result = {"reference": reference, "rounds": evaluate.compare_rounds, "models": models,
+              "method": "interleaved: every round times each model on the same seeded batches, rotated order",
+              "machine": machine_info(evaluate.threads), "data_content_hash": prepared.content_hash}
+    out = comparison_path(base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))  # insertion order: the reference first
+    for name, entry in models.items():
+        log_metrics(run_id, {f"{name}.{k}": v for k, v in flat_metrics(entry).items()})
+    log_artifact(run_id, out)
+    return result
+
+
+def speedups(latency: dict, reference: dict) -> dict:
+    """Reference p50 / this model's p50 per batch size (2.0 = twice as fast)."""
+    return {key: reference[key]["p50_ms"] / value["p50_ms"] for key, value in latency.items()
+            if key in reference and value["p50_ms"] > 0}

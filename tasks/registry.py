@@ -1,5 +1,6 @@
-"""Prefect task for the register stage: log a model folder with MLflow's transformers flavour,
-register it, tag the version with its lineage, and point an alias at it."""
+"""Prefect task for the register stage: log a model folder to MLflow (transformers flavour, or a
+pyfunc model for restructured candidates), register it, tag the version with its lineage, and
+point an alias at it."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import json
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
+from transformers import AutoConfig
 
 from bertshrink.errors import MissingArtifactError
 from bertshrink.measure import flat_metrics
 from bertshrink.modeling import read_model_meta
 from bertshrink.params import RegistryParams
+from bertshrink.structure import is_restructured
 from tasks.tracking import git_commit, log_metrics
 
 SUMMARY_METRICS = ("test.accuracy", "test.macro_f1", "validation.accuracy", "size.total_bytes",
@@ -22,6 +26,14 @@ SUMMARY_METRICS = ("test.accuracy", "test.macro_f1", "validation.accuracy", "siz
 
 
 SERVING_PACKAGES = ("transformers", "torch", "tokenizers", "safetensors", "accelerate")
+PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+LIBRARY_DIR = Path(__file__).resolve().parent.parent / "bertshrink"
+
+
+def _installed(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name).split("+")[0]
 
 
 def serving_requirements() -> list[str]:
@@ -30,9 +42,7 @@ def serving_requirements() -> list[str]:
     Given explicitly because MLflow's default list adds torchvision, which a text model does not
     need and which has no CPU wheel here.
     """
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
+    return [f"{name}=={_installed(name)}" for name in SERVING_PACKAGES]
 
 
 def text_classification_pipeline(model_dir: str):
@@ -54,11 +64,68 @@ def model_card(meta: dict, summary: dict):
     return ModelCard("\n".join(lines))
 
 
+def _log_with_transformers_flavour(model_dir: str, card, registry: RegistryParams, metadata: dict):
+    return mlflow.transformers.log_model(
+        # A built pipeline, not the folder path: MLflow 3.17's path route breaks on transformers 5.
+        transformers_model=text_classification_pipeline(model_dir),
+        name="model",
+        model_card=card,
+        pip_requirements=serving_requirements(),
+        registered_model_name=registry.model_name,
+        metadata=metadata,
+    )
+
+
+def _log_with_pyfunc(model_dir: str, registry: RegistryParams, metadata: dict):
+    """Restructured (head/FFN-pruned, factorised) folders: our loader inside a pyfunc model."""
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(["an example text"], pd.DataFrame({"label": ["a"], "score": [0.5]}))
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PYFUNC_MODEL_FILE),
+        artifacts={"model_dir": str(Path(model_dir).resolve())},
+        code_paths=[str(LIBRARY_DIR)],
+        pip_requirements=serving_requirements() + [f"pandas=={_installed('pandas')}"],
+        signature=signature,
+        input_example=["an example text"],
+        registered_model_name=registry.model_name,
+        metadata=metadata,
+    )
+
+
+def version_tags(meta: dict, result: dict, summary: dict) -> dict:
+    """Lineage and headline metrics for the model version (searchable in the MLflow UI)."""
+    tags = {
+        "kind": meta.get("kind", "unknown"),
+        "data_content_hash": meta.get("data_content_hash", "unknown"),
+        "git_commit": git_commit(),
+        "training_run_id": meta.get("training_run_id", "unknown"),
+        "evaluation_run_id": result.get("evaluation_run_id", "unknown"),
+        **{f"metric.{k}": v for k, v in summary.items()},
+    }
+    if meta.get("kind") == "candidate":
+        tags.update({
+            "recipe": meta.get("recipe"),
+            "recipe_steps": json.dumps([{s["kind"]: s["params"]} for s in meta.get("recipe_steps", [])]),
+            "compress_run_id": meta.get("compress_run_id", "unknown"),
+            "teacher_training_run_id": meta.get("teacher_training_run_id", "unknown"),
+            "teacher_model_version": meta.get("teacher_model_version", "unknown"),
+        })
+    else:
+        tags["params"] = json.dumps(meta.get("params", {}), sort_keys=True)
+    return tags
+
+
 # A tracking server can be briefly unreachable; retrying the whole registration is safe.
 @task(name="register-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, alias: str, run_id: str,
                    record_file: str) -> dict:
-    """Log + register ``model_dir``; set ``alias``; write the registration record to ``record_file``."""
+    """Log + register ``model_dir``; set ``alias``; write the registration record to ``record_file``.
+
+    Standard BERT folders use MLflow's transformers flavour; restructured ones (pruned heads or
+    FFN widths, factorised embeddings) a pyfunc model that loads them with ``bertshrink.structure``.
+    """
     meta = read_model_meta(Path(model_dir))
     if not Path(metrics_file).is_file():
         raise MissingArtifactError(
@@ -68,34 +135,23 @@ def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, 
     result = json.loads(Path(metrics_file).read_text())
     metrics = flat_metrics(result)
     summary = {k: metrics[k] for k in SUMMARY_METRICS if k in metrics}
+    metadata = {"bertshrink": {k: meta.get(k) for k in ("kind", "recipe", "source_model", "label_names", "max_length")}}
+    restructured = is_restructured(AutoConfig.from_pretrained(str(Path(model_dir).resolve())))
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
-            # A built pipeline, not the folder path: MLflow 3.17's path route breaks on transformers 5.
-            transformers_model=text_classification_pipeline(model_dir),
-            name="model",
-            model_card=model_card(meta, summary),
-            pip_requirements=serving_requirements(),
-            registered_model_name=registry.model_name,
-            metadata={"bertshrink": {k: meta.get(k) for k in ("kind", "source_model", "label_names", "max_length")}},
-        )
+        if restructured:
+            info = _log_with_pyfunc(model_dir, registry, metadata)
+        else:
+            info = _log_with_transformers_flavour(model_dir, model_card(meta, summary), registry, metadata)
     log_metrics(run_id, summary)
     version = str(info.registered_model_version)
     client = MlflowClient()
-    tags = {
-        "kind": meta.get("kind", "unknown"),
-        "data_content_hash": meta.get("data_content_hash", "unknown"),
-        "git_commit": git_commit(),
-        "params": json.dumps(meta.get("params", {}), sort_keys=True),
-        "training_run_id": meta.get("training_run_id", "unknown"),
-        "evaluation_run_id": result.get("evaluation_run_id", "unknown"),
-        **{f"metric.{k}": v for k, v in summary.items()},
-    }
+    tags = {**version_tags(meta, result, summary), "flavor": "pyfunc" if restructured else "transformers"}
     for key, value in tags.items():
         client.set_model_version_tag(registry.model_name, version, key, str(value)[:5000])
     client.set_registered_model_alias(registry.model_name, alias, version)
     record = {"name": registry.model_name, "version": version, "alias": alias, "run_id": run_id,
               "model_uri": f"models:/{registry.model_name}@{alias}", "model_id": info.model_id,
-              "data_content_hash": tags["data_content_hash"]}
+              "data_content_hash": tags["data_content_hash"], "kind": tags["kind"], "flavor": tags["flavor"]}
     Path(record_file).parent.mkdir(parents=True, exist_ok=True)
     Path(record_file).write_text(json.dumps(record, indent=2))
     return record

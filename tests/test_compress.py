@@ -82,3 +82,15 @@ def test_head_pruned_student_can_be_distilled(tmp_path, teacher, prepared):
     run_recipe("heads-distill", recipe(steps), teacher, prepared, tmp_path / "cand", tmp_path / "work", 0, 32)
     heads = [layer.attention.self.num_attention_heads for layer in TorchClassifier(tmp_path / "cand").model.bert.encoder.layer]
     assert sorted(heads) == [1, 2]
+
+
+def test_factorized_candidate_loads_and_stays_close(tmp_path, teacher, prepared):
+    """Full rank is an exact factorization: the candidate must predict as the teacher does."""
+    hidden = TorchClassifier(teacher).model.config.hidden_size
+    records = run_recipe("fact", recipe([{"factorize_embeddings": {"rank": hidden}}]), teacher, prepared,
+                         tmp_path / "fact", tmp_path / "work", 0, 32)
+    assert records[0].details["relative_error"] < 1e-5
+    before, after = TorchClassifier(teacher), TorchClassifier(tmp_path / "fact")
+    texts = prepared.splits["validation"]["text"].tolist()
+    torch.testing.assert_close(after.logits(texts, 8, 32), before.logits(texts, 8, 32), atol=1e-4, rtol=1e-4)
+    assert type(after.model.bert.embeddings.word_embeddings).__name__ == "FactorizedEmbedding"

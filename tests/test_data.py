@@ -52,6 +52,20 @@ def test_folder_with_own_splits_is_reused(tmp_path):
     assert len(prepared.splits["validation"]) == 15
 
 
+def test_split_names_make_dev_the_test_split(tmp_path):
+    """GLUE style: report on dev (as the papers do); validation is carved out of train instead."""
+    frame = toy_corpus(20)
+    frame.iloc[:45].to_csv(tmp_path / "train.csv", index=False)
+    frame.iloc[45:].to_csv(tmp_path / "dev.csv", index=False)
+    frame.iloc[:5].to_csv(tmp_path / "extra.csv", index=False)
+    raw = load_raw_dataset(str(tmp_path), split_names={"dev": "test", "train": "train"})
+    assert set(raw.splits) == {"train", "test"} and len(raw.splits["test"]) == 15
+    prepared = prepare_splits(raw, DataParams(validation_size=0.2), seed=1)
+    assert prepared.meta["provenance"]["test"].endswith("dev.csv")
+    assert set(prepared.splits) == {"train", "validation", "test"} and len(prepared.splits["test"]) == 15
+    assert set(load_raw_dataset(str(tmp_path), split_names={"dev": "ignore"}).splits) == {"train"}
+
+
 def test_missing_column_names_the_fix(toy_csv):
     with pytest.raises(DataSourceError, match="data.text_column"):
         load_raw_dataset(str(toy_csv), text_column="body")

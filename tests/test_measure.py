@@ -174,3 +174,40 @@ def test_peak_memory_can_be_reset_between_models():
     del big
     assert reset_peak_memory() is True
     assert peak_memory_mb() < with_big - 200
+
+
+def test_compare_latency_interleaves_models_on_the_same_batches(tiny_model, splits, monkeypatch):
+    """A model made 20 ms slower per call must show it; both see identical sequence lengths."""
+    import time
+
+    real_load = measure.load_runner
+    order = []
+
+    def load(model_dir, params):
+        runner = real_load(model_dir, params)
+        forward = runner.forward
+
+        def timed(encoded, name="slow" if Path(model_dir).name == "slow" else "fast"):
+            order.append(name)
+            if name == "slow":
+                time.sleep(0.02)
+            return forward(encoded)
+
+        runner.forward = timed
+        return runner
+
+    monkeypatch.setattr(measure, "load_runner", load)
+    slow = tiny_model.parent / "slow"
+    if not slow.exists():
+        shutil.copytree(tiny_model, slow)
+    params = FAST.model_copy(update={"compare_rounds": 2, "timed_iterations": 4, "warmup_iterations": 1})
+    result = measure.compare_latency({"fast": tiny_model, "slow": slow}, splits["test"]["text"].tolist(), params)
+
+    for batch in ("batch_1", "batch_4"):
+        fast, slow_ = result["fast"][batch], result["slow"][batch]
+        assert fast["iterations"] == slow_["iterations"] == 4  # 2 rounds x 2
+        assert fast["mean_seq_len"] == slow_["mean_seq_len"]
+        assert slow_["p50_ms"] >= fast["p50_ms"] + 15
+    # interleaved: round 2 starts with the other model, not all of one then all of the other
+    per_call = params.warmup_iterations + 2
+    assert order[:per_call] == ["fast"] * per_call and order[2 * per_call:3 * per_call] == ["slow"] * per_call

@@ -74,7 +74,7 @@ def test_pipeline_end_to_end(workdir, tiny_bert, toy_csv, prefect_server):
     # registry: the alias points at the registered version, tagged with its lineage
     client = MlflowClient()
     version = client.get_model_version_by_alias("tiny-teacher", "teacher")
-    assert str(version.version) == out["registered"]["version"]
+    assert str(version.version) == out["registered"][0]["version"]
     assert version.tags["data_content_hash"] == meta["content_hash"]
     assert float(version.tags["metric.test.accuracy"]) == metrics["metrics"]["test"]["accuracy"]
     assert "git_commit" in version.tags and json.loads(version.tags["params"])["max_length"] == 32
@@ -109,50 +109,75 @@ def test_bad_data_stops_before_training(workdir, tiny_bert, prefect_server):
     assert not (workdir / "models/teacher").exists()
 
 
-def test_compress_stage_runs_recipes_and_reports_failures(workdir, tiny_bert, toy_csv, prefect_server, monkeypatch):
-    """A two-step recipe becomes an evaluated candidate; a failing recipe is reported, not fatal to others."""
+def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert, toy_csv, prefect_server, monkeypatch):
+    """Recipes become evaluated, registered candidates; a failing recipe is reported, not fatal to others."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     import bertshrink.compress as compress
     from bertshrink.errors import CompressionError
-    from bertshrink.params import load_params
     from bertshrink.recipes import PruneFfnStep
-    from flows.compress import compress_flow
-    from flows.evaluate import evaluate_flow
     from flows.pipeline import pipeline_flow
 
     recipes = {"recipes": {
         "drop-distill": [{"drop_layers": {"strategy": "top", "n_drop": 1}},
                          {"distill": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 8}}],
+        "heads": [{"prune_heads": {"count": 1, "importance_batches": 2}}],
         "broken": [{"prune_ffn": {"ratio": 0.5}}],
     }}
     params_file = write_params(workdir, toy_csv, tiny_bert, compress=recipes)
-    pipeline_flow(params_file=str(params_file), dvc_commit=False)
-    params = load_params(params_file)
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated step failure")
 
     monkeypatch.setitem(compress.STEP_RUNNERS, PruneFfnStep, boom)
     with pytest.raises(CompressionError) as err:
-        compress_flow(params)
+        pipeline_flow(params_file=str(params_file), dvc_commit=False)
     assert "broken: RuntimeError: simulated step failure" in str(err.value)
-    assert "1 of 2 recipe(s) failed" in str(err.value)
+    assert "1 of 3 recipe(s) failed" in str(err.value)
 
+    # candidates on disk, with their recipe; nothing for the failed one
     candidate = workdir / "models/candidates/drop-distill"
     assert json.loads((candidate / "bertshrink.json").read_text())["recipe"] == "drop-distill"
     assert not (workdir / "models/candidates/broken").exists()
     summary = json.loads((workdir / "reports/compress/summary.json").read_text())
-    assert [s["recipe"] for s in summary["succeeded"]] == ["drop-distill"] and "broken" in summary["failed"]
+    assert [s["recipe"] for s in summary["succeeded"]] == ["drop-distill", "heads"] and "broken" in summary["failed"]
 
+    # evaluated with the teacher's code, in the same run
+    teacher_metrics = json.loads((workdir / "metrics/teacher.json").read_text())
+    metrics = json.loads((workdir / "metrics/drop-distill.json").read_text())
+    assert metrics["parameters"] < teacher_metrics["parameters"]
+    assert metrics["metrics"]["test"]["accuracy"] >= 0.6
+    comparison = json.loads((workdir / "metrics/comparison.json").read_text())
+    assert list(comparison["models"]) == ["teacher", "drop-distill", "heads"] and comparison["reference"] == "teacher"
+    assert comparison["models"]["teacher"]["speedup_vs_teacher"]["batch_1"] == 1.0
+    markdown = (workdir / "reports/pipeline_summary.md").read_text()
+    assert "interleaved comparison" in markdown
+    assert "| drop-distill |" in markdown and "| heads |" in markdown and "**failed** `broken`" in markdown
+
+    # tracked: one run per recipe, with the teacher's lineage and per-step parameter counts
     client = MlflowClient()
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("e2e").experiment_id])}
     good = runs["compress:drop-distill"]
     assert good.data.tags["teacher_model_version"] == "1" and good.data.tags["steps"] == "drop_layers -> distill"
     assert good.data.metrics["step0.parameters_after"] < good.data.metrics["step0.parameters_before"]
+    assert good.data.params["step1.distill.temperature"] == "2.0"
     assert runs["compress:broken"].info.status == "FAILED"
 
-    [result] = evaluate_flow(params, model_dirs=[str(candidate)])
-    metrics = json.loads((workdir / "metrics/drop-distill.json").read_text())
-    assert metrics["parameters"] == result["parameters"] < json.loads((workdir / "metrics/teacher.json").read_text())["parameters"]
-    assert metrics["metrics"]["test"]["accuracy"] >= 0.6
+    # registered: each recipe under its alias; the head-pruned one as a pyfunc model that serves
+    version = client.get_model_version_by_alias("tiny-teacher", "drop-distill")
+    assert version.tags["recipe"] == "drop-distill" and version.tags["teacher_model_version"] == "1"
+    assert float(version.tags["metric.test.accuracy"]) == metrics["metrics"]["test"]["accuracy"]
+    heads = client.get_model_version_by_alias("tiny-teacher", "heads")
+    assert heads.tags["flavor"] == "pyfunc"
+    with pytest.raises(Exception):
+        client.get_model_version_by_alias("tiny-teacher", "broken")
+    served = mlflow.pyfunc.load_model("models:/tiny-teacher@heads").predict(["goal match team coach league"])
+    assert list(served.columns) == ["label", "score"] and served["label"][0] in ("film", "money", "sport")
+
+    # the stage flow alone (python -m flows.compress --recipe broken) ends in the same error
+    from bertshrink.params import load_params
+    from flows.compress import compress_flow
+
+    with pytest.raises(CompressionError, match="broken: RuntimeError"):
+        compress_flow(load_params(params_file), recipes=["broken"])

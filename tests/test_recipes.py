@@ -40,7 +40,12 @@ def test_default_params_have_no_recipes():
     ({"r1": []}, "compress.recipes.r1.steps"),
     ({"bad name": ["prune_vocab"]}, "recipe name 'bad name'"),
     ({"teacher": ["prune_vocab"]}, "cannot be named 'teacher'"),
+    ({"champion": ["prune_vocab"]}, "recipe name 'champion' is reserved"),
+    ({"v2": ["prune_vocab"]}, "recipe name 'v2' is reserved"),
     ({"r1": ["prune_vocab", {"distill": {}}]}, "put prune_vocab after distill/finetune"),
+    ({"r1": ["factorize_embeddings", "prune_vocab"]}, "put prune_vocab before factorize_embeddings"),
+    ({"r1": ["factorize_embeddings", "factorize_embeddings"]}, "factorised once"),
+    ({"r1": [{"factorize_embeddings": {"rank": 0}}]}, "compress.recipes.r1.steps.0.factorize_embeddings.rank"),
 ])
 def test_bad_recipes_fail_naming_recipe_and_step(raw, fragment):
     with pytest.raises(ParamsError) as err:
@@ -55,11 +60,14 @@ def test_impossible_numbers_against_the_teacher_shape():
         "too-many-heads": [{"prune_heads": {"count": 70}}],
         "wide-student": [{"drop_layers": {"strategy": "top", "n_drop": 3}}, {"distill": {"student_layers": 4}}],
         "fine": [{"drop_layers": {"strategy": "top", "n_drop": 3}}, {"distill": {"student_layers": 2}}],
+        "full-rank": [{"factorize_embeddings": {"rank": 384}}],
+        "low-rank": [{"factorize_embeddings": {"rank": 128}}],
     })
-    problems = check_against_teacher(parsed, num_layers=6, num_heads=12)
+    problems = check_against_teacher(parsed, num_layers=6, num_heads=12, hidden_size=384)
     text = "\n".join(problems)
     assert "compress.recipes.all-layers[0].drop_layers: drops 6 of 6 layers" in text
     assert "compress.recipes.out-of-range[0].drop_layers: layers [9] outside 0..5" in text
     assert "compress.recipes.too-many-heads[0].prune_heads: count 70" in text
     assert "compress.recipes.wide-student[1].distill: student_layers 4 > the 3 layers available" in text
-    assert not [p for p in problems if "recipes.fine" in p]
+    assert "compress.recipes.full-rank[0].factorize_embeddings: rank 384 >= hidden size 384 saves nothing" in text
+    assert not [p for p in problems if "recipes.fine" in p or "recipes.low-rank" in p]

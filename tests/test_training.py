@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from bertshrink.errors import TrainingError
 from bertshrink.modeling import load_tokenizer_and_classifier, read_model_meta
 from bertshrink.params import TeacherParams
-from bertshrink.training import _checkpoint_to_resume, fine_tune, fingerprint
+from bertshrink.training import _checkpoint_to_resume, fine_tune, fingerprint, layer_drop
 
 
 def tiny_params(tiny_bert, **kw) -> TeacherParams:
@@ -99,3 +99,53 @@ def test_gpu_precision_on_cpu_is_refused(tmp_path, tiny_bert, prepared):
         pytest.skip("this machine has a GPU")
     with pytest.raises(TrainingError, match="needs a GPU"):
         fine_tune(prepared, tiny_params(tiny_bert, precision="bf16"), tmp_path / "t", tmp_path / "c", seed=0)
+
+
+def _layer_skips(model, probability: float, calls: int) -> tuple[int, int]:
+    """How many layer calls passed their input through unchanged, of how many."""
+    skipped, total = 0, 0
+
+    def count(module, args, output):
+        nonlocal skipped, total
+        total += 1
+        skipped += int(torch.equal(output, args[0]))
+
+    inputs = {"input_ids": torch.randint(5, 50, (2, 8))}
+    with layer_drop(model, probability):
+        # registered after LayerDrop's hooks, so it sees their (possibly replaced) output
+        handles = [layer.register_forward_hook(count) for layer in model.bert.encoder.layer]
+        with torch.no_grad():
+            for _ in range(calls):
+                model(**inputs)
+        for handle in handles:
+            handle.remove()
+    return skipped, total
+
+
+def test_layerdrop_skips_layers_in_training_only(tiny_bert):
+    from bertshrink.structure import load_classifier
+
+    torch.manual_seed(0)
+    model = load_classifier(tiny_bert)
+    model.train()
+    skipped, total = _layer_skips(model, 0.5, calls=100)
+    assert total == 100 * model.config.num_hidden_layers
+    assert 0.35 < skipped / total < 0.65
+    model.eval()
+    assert _layer_skips(model, 0.5, calls=10)[0] == 0  # inference uses every layer
+    model.train()
+    assert _layer_skips(model, 0.0, calls=10)[0] == 0  # off by default
+    # the hooks are gone afterwards: a plain training-mode forward drops nothing
+    assert not any(layer._forward_hooks for layer in model.bert.encoder.layer)
+
+
+def test_teacher_training_applies_layerdrop(tmp_path, tiny_bert, prepared):
+    """Same seed, same data: only LayerDrop differs, so the trained weights must differ."""
+    from bertshrink.structure import load_classifier
+
+    runs = {p: fine_tune(prepared, tiny_params(tiny_bert, epochs=1, layerdrop=p), tmp_path / f"t{p}",
+                         tmp_path / f"ckpt{p}", seed=0).model_dir for p in (0.0, 0.5)}
+    assert read_model_meta(runs[0.5])["params"]["layerdrop"] == 0.5
+    plain, dropped = (load_classifier(runs[p]).state_dict() for p in (0.0, 0.5))
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(plain[key], dropped[key])
