@@ -247,6 +247,32 @@ def test_factorize_embeddings_at_full_rank_is_exact(tiny, tokenizer, texts):
         prune.factorize_embeddings(untouched, rank=0)
 
 
+def test_factorized_and_head_pruned_models_export_to_onnx(tmp_path):
+    """Restructured models stay exportable: dynamic batch/sequence axes, same logits in ONNX Runtime."""
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+
+    model = wide_bert(layers=2, heads=4)
+    prune.prune_heads(model, {0: [1, 3]})
+    prune.factorize_embeddings(model, rank=8)
+    export_inputs = random_inputs(seed=1)
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (export_inputs["input_ids"], export_inputs["attention_mask"]), str(path),
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          dynamic_axes={name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask")},
+                          dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(5, 60, (4, 13), generator=torch.Generator().manual_seed(2))  # another shape than exported
+    mask = torch.ones_like(ids)
+    onnx_logits = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    np.testing.assert_allclose(onnx_logits, logits(model, {"input_ids": ids, "attention_mask": mask}).numpy(),
+                               atol=1e-5, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- unstructured
 
 
