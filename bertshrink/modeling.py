@@ -60,18 +60,15 @@ def count_parameters(model) -> int:
 
 
 def _is_restructured_folder(location: str) -> bool:
-    """A local folder whose config records pruned heads / FFN widths (see bertshrink.structure)."""
-    from bertshrink.structure import FFN_KEY, HEADS_KEY
+    """A local folder whose config records pruned heads, FFN widths or factorised embeddings."""
+    from bertshrink.structure import is_restructured
 
     config = Path(location) / "config.json"
-    if not config.is_file():
-        return False
-    recorded = json.loads(config.read_text())
-    return recorded.get(HEADS_KEY) is not None or recorded.get(FFN_KEY) is not None
+    return config.is_file() and is_restructured(json.loads(config.read_text()))
 
 
 def _load_restructured(location: str, label_names: list[str], max_length: int):
-    """A pruned model keeps its head: the label set must be the one it was trained for."""
+    """A restructured model keeps its head: the label set must be the one it was trained for."""
     from transformers import AutoTokenizer
 
     from bertshrink.structure import load_classifier

@@ -100,9 +100,13 @@ def apply_structure(model):
     return model
 
 
+STRUCTURE_KEYS = (HEADS_KEY, FFN_KEY, EMBED_KEY)
+
+
 def is_restructured(config) -> bool:
-    """True when the config records per-layer shapes that ``from_pretrained`` cannot rebuild."""
-    return any(getattr(config, key, None) is not None for key in (HEADS_KEY, FFN_KEY, EMBED_KEY))
+    """True when the config (object or ``config.json`` dict) records shapes ``from_pretrained`` can't rebuild."""
+    get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    return any(get(key) is not None for key in STRUCTURE_KEYS)
 
 
 def _load_state_dict(model_dir: Path) -> dict:

@@ -94,3 +94,12 @@ def test_factorized_candidate_loads_and_stays_close(tmp_path, teacher, prepared)
     texts = prepared.splits["validation"]["text"].tolist()
     torch.testing.assert_close(after.logits(texts, 8, 32), before.logits(texts, 8, 32), atol=1e-4, rtol=1e-4)
     assert type(after.model.bert.embeddings.word_embeddings).__name__ == "FactorizedEmbedding"
+
+
+def test_factorized_student_can_be_fine_tuned(tmp_path, teacher, prepared):
+    """Recovery after factorization: the fine-tune step must load the factorised shape, not a full one."""
+    steps = [{"factorize_embeddings": {"rank": 8}}, {"finetune": {"epochs": 1, "learning_rate": 1e-3, "batch_size": 8}}]
+    records = run_recipe("fact-ft", recipe(steps), teacher, prepared, tmp_path / "cand", tmp_path / "work", 0, 32)
+    assert records[1].parameters_after == records[0].parameters_after < records[0].parameters_before
+    model = TorchClassifier(tmp_path / "cand").model
+    assert model.bert.embeddings.word_embeddings.low.weight.shape[1] == 8
