@@ -261,8 +261,20 @@ def sample_sequence_lengths(tokenizer, texts: Sequence[str], max_length: int, n:
     return [len(x) for x in ids]
 
 
+def _encode_batch(runner, tokenizer, texts: Sequence[str], max_length: int):
+    return tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest",
+                     return_tensors=runner.return_tensors)
+
+
+def _time_once(runner, encoded) -> float:
+    """Milliseconds of one forward pass (tokenization excluded)."""
+    start = time.perf_counter()
+    runner.forward(encoded)
+    return (time.perf_counter() - start) * 1000.0
+
+
 def time_forward(runner, tokenizer, texts: Sequence[str], batch_size: int, params: EvaluateParams,
-                 seed: int, iterations: int | None = None) -> tuple[list[float], list[int]]:
+                 seed: int) -> tuple[list[float], list[int]]:
     """Forward-pass times (ms) and padded sequence lengths of seeded batches of real texts.
 
     Each batch is ``batch_size`` texts drawn from ``texts``, truncated at ``params.max_length``
@@ -273,20 +285,15 @@ def time_forward(runner, tokenizer, texts: Sequence[str], batch_size: int, param
     if not texts:
         raise ValueError("no texts to measure latency on")
     texts = list(texts)
-    iterations = params.timed_iterations if iterations is None else iterations
     rng = np.random.default_rng(seed)
     times_ms: list[float] = []
     seq_lens: list[int] = []
     with fixed_threads(params.threads):
-        for i in range(params.warmup_iterations + iterations):
-            encoded = tokenizer(_draw(rng, texts, batch_size), truncation=True,
-                                max_length=params.max_length, padding="longest",
-                                return_tensors=runner.return_tensors)
-            start = time.perf_counter()
-            runner.forward(encoded)
-            elapsed = time.perf_counter() - start
+        for i in range(params.warmup_iterations + params.timed_iterations):
+            encoded = _encode_batch(runner, tokenizer, _draw(rng, texts, batch_size), params.max_length)
+            elapsed = _time_once(runner, encoded)
             if i >= params.warmup_iterations:
-                times_ms.append(elapsed * 1000.0)
+                times_ms.append(elapsed)
                 seq_lens.append(int(encoded["input_ids"].shape[1]))
     return times_ms, seq_lens
 
@@ -313,30 +320,38 @@ def measure_latency(runner, tokenizer, texts: Sequence[str], batch_size: int,
 
 
 def compare_latency(model_dirs: Mapping[str, Path], texts: Sequence[str], params: EvaluateParams,
-                    seed: int = 0) -> dict[str, dict]:
-    """Latency of several models measured interleaved, so that they share the machine's state.
+                    seed: int = 0, runners: Mapping[str, Any] | None = None) -> dict[str, dict]:
+    """Latency of several models measured interleaved, batch by batch, so they share the machine's state.
 
-    On a shared machine the speed drifts by tens of percent over minutes; models measured one
-    after another would absorb that drift into their ratios. Here each of ``params.compare_rounds``
-    rounds times every model on the same seeded batches, in a rotated order, and each model's
-    figures pool its timings over all rounds. Returns ``{name: {"batch_<b>": summary}}``.
+    On a shared machine the speed drifts by tens of percent over seconds to minutes; models timed
+    one after another absorb that drift into their ratios. Here every drawn batch is run by every
+    model, back to back, in an order that rotates with each batch. Returns
+    ``{name: {"batch_<b>": summary}}``. ``runners`` (name -> runner) skips loading, for tests.
     """
-    runners = {name: load_runner(Path(d), params) for name, d in model_dirs.items()}
+    runners = dict(runners) if runners is not None else {
+        name: load_runner(Path(d), params) for name, d in model_dirs.items()}
     names = list(runners)
-    rounds = params.compare_rounds
-    per_round = max(1, params.timed_iterations // rounds)
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to measure latency on")
     results: dict[str, dict] = {name: {} for name in names}
-    for batch_size in params.batch_sizes:
-        pooled = {name: ([], []) for name in names}
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                runner = runners[name]
-                times, lens = time_forward(runner, runner.tokenizer, texts, batch_size, params,
-                                           seed + r, iterations=per_round)
-                pooled[name][0].extend(times)
-                pooled[name][1].extend(lens)
-        for name, (times, lens) in pooled.items():
-            results[name][f"batch_{batch_size}"] = latency_summary(times, lens, batch_size)
+    with fixed_threads(params.threads):
+        for batch_size in params.batch_sizes:
+            rng = np.random.default_rng(seed)
+            times = {name: [] for name in names}
+            lens = {name: [] for name in names}
+            for i in range(params.warmup_iterations + params.timed_iterations):
+                batch = _draw(rng, texts, batch_size)
+                for k in range(len(names)):
+                    name = names[(i + k) % len(names)]
+                    runner = runners[name]
+                    encoded = _encode_batch(runner, runner.tokenizer, batch, params.max_length)
+                    elapsed = _time_once(runner, encoded)
+                    if i >= params.warmup_iterations:
+                        times[name].append(elapsed)
+                        lens[name].append(int(encoded["input_ids"].shape[1]))
+            for name in names:
+                results[name][f"batch_{batch_size}"] = latency_summary(times[name], lens[name], batch_size)
     return results
 
 

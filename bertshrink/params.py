@@ -124,8 +124,6 @@ class EvaluateParams(_Section):
     timed_iterations: int = Field(20, ge=1, le=100_000)
     max_length: int = Field(128, ge=8, le=4096)
     eval_batch_size: int = Field(64, ge=1, le=4096)
-    # The pipeline's side-by-side comparison times all models interleaved over this many rounds.
-    compare_rounds: int = Field(4, ge=1, le=100)
 
     @model_validator(mode="after")
     def _batch_sizes_positive(self) -> "EvaluateParams":

@@ -1,7 +1,8 @@
 """Stage flow: time the teacher and every candidate side by side (``python -m flows.compare``).
 
-Separate evaluations, minutes apart, pick up the machine's drift; this one interleaves all models
-in the same rounds, so the speed ratios in ``metrics/comparison.json`` are like for like.
+Separate evaluations, minutes apart, pick up the machine's drift; this one runs every batch
+through every model back to back, so the speed ratios in ``metrics/comparison.json`` are like
+for like.
 """
 
 from __future__ import annotations

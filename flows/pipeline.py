@@ -89,7 +89,7 @@ def summary_markdown(results: list[dict], registered: list[dict], seconds: float
     header = "| " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " |"
     rule = "|" + "---|" * len(SUMMARY_COLUMNS)
     table = ["| " + " | ".join(_cell(c, _lookup(r, key)) for c, key in SUMMARY_COLUMNS) + " |" for r in rows]
-    how = (f"Latencies from one interleaved comparison ({comparison['rounds']} rounds, same batches for every model; "
+    how = ("Latencies from one interleaved comparison (every batch run by every model back to back; "
            "`metrics/comparison.json`). " if comparison else "")
     lines = ["# bertshrink pipeline", "", header, rule, *table, "",
              how + "Retention, smaller and speedup are relative to the teacher, measured in this run.", ""]

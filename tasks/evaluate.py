@@ -52,8 +52,8 @@ def compare_latency_task(model_dirs: list[str], evaluate: EvaluateParams, base: 
     reference = next(iter(dirs))
     models = {name: {"latency": lat, "speedup_vs_" + reference: speedups(lat, latency[reference])}
               for name, lat in latency.items()}
-    result = {"reference": reference, "rounds": evaluate.compare_rounds, "models": models,
-              "method": "interleaved: every round times each model on the same seeded batches, rotated order",
+    result = {"reference": reference, "iterations": evaluate.timed_iterations, "models": models,
+              "method": "interleaved: each seeded batch is run by every model back to back, in rotating order",
               "machine": machine_info(evaluate.threads), "data_content_hash": prepared.content_hash}
     out = comparison_path(base)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -176,38 +176,33 @@ def test_peak_memory_can_be_reset_between_models():
     assert peak_memory_mb() < with_big - 200
 
 
-def test_compare_latency_interleaves_models_on_the_same_batches(tiny_model, splits, monkeypatch):
-    """A model made 20 ms slower per call must show it; both see identical sequence lengths."""
+def test_compare_latency_interleaves_models_on_the_same_batches(tiny_model, splits):
+    """A model made 20 ms slower per call must show it; both see identical batches, interleaved."""
     import time
 
-    real_load = measure.load_runner
-    order = []
+    calls = []
 
-    def load(model_dir, params):
-        runner = real_load(model_dir, params)
-        forward = runner.forward
+    class Recorded:
+        """A real runner whose forward calls are logged (and, for "slow", delayed)."""
 
-        def timed(encoded, name="slow" if Path(model_dir).name == "slow" else "fast"):
-            order.append(name)
-            if name == "slow":
+        def __init__(self, name):
+            self.name, self.inner = name, measure.TorchClassifier(tiny_model)
+            self.tokenizer, self.return_tensors = self.inner.tokenizer, self.inner.return_tensors
+
+        def forward(self, encoded):
+            calls.append((self.name, encoded["input_ids"].tolist()))
+            if self.name == "slow":
                 time.sleep(0.02)
-            return forward(encoded)
+            return self.inner.forward(encoded)
 
-        runner.forward = timed
-        return runner
+    params = FAST.model_copy(update={"timed_iterations": 4, "warmup_iterations": 1, "batch_sizes": (2,)})
+    runners = {"fast": Recorded("fast"), "slow": Recorded("slow")}
+    result = measure.compare_latency({}, splits["test"]["text"].tolist(), params, runners=runners)
 
-    monkeypatch.setattr(measure, "load_runner", load)
-    slow = tiny_model.parent / "slow"
-    if not slow.exists():
-        shutil.copytree(tiny_model, slow)
-    params = FAST.model_copy(update={"compare_rounds": 2, "timed_iterations": 4, "warmup_iterations": 1})
-    result = measure.compare_latency({"fast": tiny_model, "slow": slow}, splits["test"]["text"].tolist(), params)
-
-    for batch in ("batch_1", "batch_4"):
-        fast, slow_ = result["fast"][batch], result["slow"][batch]
-        assert fast["iterations"] == slow_["iterations"] == 4  # 2 rounds x 2
-        assert fast["mean_seq_len"] == slow_["mean_seq_len"]
-        assert slow_["p50_ms"] >= fast["p50_ms"] + 15
-    # interleaved: round 2 starts with the other model, not all of one then all of the other
-    per_call = params.warmup_iterations + 2
-    assert order[:per_call] == ["fast"] * per_call and order[2 * per_call:3 * per_call] == ["slow"] * per_call
+    fast, slow = result["fast"]["batch_2"], result["slow"]["batch_2"]
+    assert fast["iterations"] == slow["iterations"] == 4
+    assert slow["p50_ms"] >= fast["p50_ms"] + 15
+    # every batch goes to both models back to back, and the order rotates batch by batch
+    assert [name for name, _ in calls] == ["fast", "slow", "slow", "fast"] * 2 + ["fast", "slow"]
+    assert all(calls[i][1] == calls[i + 1][1] for i in range(0, len(calls), 2))
+    assert calls[0][1] != calls[2][1]  # and the batches differ from one iteration to the next
