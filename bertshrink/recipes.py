@@ -230,3 +230,9 @@ def check_against_teacher(recipes: CompressParams, num_layers: int, num_heads: i
                 layers = step.student_layers or (len(step.teacher_layers) if step.teacher_layers else layers)
                 heads = num_heads * layers
     return problems
+
+
+def check_against_config(recipes: CompressParams, config: dict) -> list[str]:
+    """``check_against_teacher`` with the shape read from a ``config.json`` dict."""
+    return check_against_teacher(recipes, config["num_hidden_layers"], config["num_attention_heads"],
+                                 config.get("hidden_size"))

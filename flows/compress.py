@@ -13,19 +13,22 @@ from prefect import flow
 
 from bertshrink.errors import CompressionError, MissingArtifactError, ParamsError
 from bertshrink.params import Params
-from bertshrink.recipes import check_against_teacher
+from bertshrink.recipes import check_against_config
 from flows._cli import run_stage
 from tasks.compress import compress_recipe
 from tasks.tracking import stage_run
 
 
-def _teacher_shape(params: Params) -> tuple[int, int, int]:
+def _teacher_config(params: Params) -> dict:
     config_file = params.base.teacher_dir / "config.json"
     if not config_file.is_file():
         raise MissingArtifactError(f"{config_file} not found: train the teacher first "
                                    "(`python -m flows.teacher` or `dvc repro teacher`).")
-    config = json.loads(config_file.read_text())
-    return config["num_hidden_layers"], config["num_attention_heads"], config["hidden_size"]
+    return json.loads(config_file.read_text())
+
+
+def recipes_that_cannot_apply(problems: list[str]) -> ParamsError:
+    return ParamsError("Recipes that cannot apply to this teacher:\n  - " + "\n  - ".join(problems))
 
 
 def _selected(params: Params, names: list[str] | None) -> list[str]:
@@ -46,9 +49,9 @@ def compress_flow(params: Params, parent_run_id: str | None = None, recipes: lis
     """
     names = _selected(params, recipes)
     if names:
-        problems = check_against_teacher(params.compress, *_teacher_shape(params))
+        problems = check_against_config(params.compress, _teacher_config(params))
         if problems:
-            raise ParamsError("Recipes that cannot apply to this teacher:\n  - " + "\n  - ".join(problems))
+            raise recipes_that_cannot_apply(problems)
     succeeded, failed = [], {}
     for name in names:
         try:

@@ -10,6 +10,7 @@ records what succeeded in ``dvc.lock``, so that a following ``dvc repro`` knows 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -20,9 +21,11 @@ from prefect.artifacts import create_markdown_artifact
 
 from bertshrink.errors import BertshrinkError
 from bertshrink.params import DEFAULT_PARAMS_FILE, Params, load_params
+from bertshrink.recipes import check_against_config
+from bertshrink.sources import resolve_model_source
 from flows._cli import quiet_libraries
 from flows.compare import compare_flow
-from flows.compress import compress_flow, recipes_failed
+from flows.compress import compress_flow, recipes_failed, recipes_that_cannot_apply
 from flows.evaluate import evaluate_flow
 from flows.prepare import prepare_flow
 from flows.register import register_flow
@@ -183,6 +186,22 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
     return {"parent_run_id": parent, "registered": registered, "results": results, "seconds": seconds}
 
 
+def check_recipes_before_training(params: Params) -> None:
+    """Recipes that cannot apply to the teacher's shape fail now, not after training it.
+
+    The shape comes from the source model's config when it is on disk (packaged or a folder);
+    a Hub id is checked by the compress stage once the teacher exists.
+    """
+    try:
+        config_file = Path(resolve_model_source(params.teacher.model)) / "config.json"
+    except BertshrinkError:
+        return  # the teacher stage reports a bad model source with its own message
+    if params.compress.recipes and config_file.is_file():
+        problems = check_against_config(params.compress, json.loads(config_file.read_text()))
+        if problems:
+            raise recipes_that_cannot_apply(problems)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -192,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-dvc-commit", action="store_true", help="do not record results in dvc.lock")
     args = parser.parse_args(argv)
     try:
-        load_params(args.params)  # reject bad params before Prefect or MLflow start
+        # reject bad params before Prefect or MLflow start
+        check_recipes_before_training(load_params(args.params))
         pipeline_flow(params_file=args.params, dvc_commit=not args.no_dvc_commit)
     except BertshrinkError as err:
         print(f"\nbertshrink: {type(err).__name__}: {err}", file=sys.stderr)

@@ -52,6 +52,19 @@ def test_bad_params_exit_2_before_any_work(tmp_path):
     assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+def test_recipe_impossible_for_the_teacher_exits_2_before_training(tmp_path):
+    """The packaged MiniLM has 6 layers and 12 heads per layer: checked from its config up front."""
+    (tmp_path / "params.yaml").write_text(
+        "compress:\n  recipes:\n    gone: [{drop_layers: {strategy: top, n_drop: 6}}]\n"
+        "    ok: [{distill: {student_layers: 3}}]\n"
+        "    heads: [{prune_heads: {count: 70}}]\n")
+    done = _run(["-m", "flows.pipeline"], tmp_path)
+    assert done.returncode == ParamsError.exit_code, done.stderr[-2000:]
+    assert "compress.recipes.gone[0].drop_layers: drops 6 of 6 layers" in done.stderr
+    assert "compress.recipes.heads[0].prune_heads: count 70" in done.stderr and "recipes.ok" not in done.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 def test_stage_without_its_input_names_the_missing_stage(tmp_path):
     (tmp_path / "params.yaml").write_text("{}\n")
     done = _run(["-m", "flows.register"], tmp_path)
