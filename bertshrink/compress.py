@@ -144,13 +144,8 @@ def _magnitude(step: MagnitudeStep, current: Path, out: Path, ctx: RecipeContext
 def _distill(step: DistillStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
     from bertshrink.distill import DistillConfig, distill
 
-    config = DistillConfig(
-        student_layers=step.student_layers, teacher_layers=list(step.teacher_layers) if step.teacher_layers else None,
-        temperature=step.temperature, alpha_ce=step.alpha_ce, alpha_kd=step.alpha_kd, alpha_hidden=step.alpha_hidden,
-        alpha_attention=step.alpha_attention, alpha_embedding=step.alpha_embedding, two_stage=step.two_stage,
-        epochs=step.epochs, learning_rate=step.learning_rate, batch_size=step.batch_size,
-        max_length=ctx.max_length, seed=ctx.seed,
-    )
+    # Every step option is a DistillConfig field of the same name (a new one fails loudly here).
+    config = DistillConfig(**step.model_dump(exclude={"kind"}), max_length=ctx.max_length, seed=ctx.seed)
     # A step before this one already shaped the student; otherwise it is cut from the teacher.
     student_dir = None if current == ctx.teacher_dir else current
     result = distill(ctx.teacher_dir, ctx.prepared, config, out, ctx.work_dir / f"ckpt-{out.name}", student_dir=student_dir)

@@ -23,6 +23,14 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def model_dir_option(verb: str) -> Callable:
+    """``--model-dir`` (repeatable, default: the teacher) for stages that act on model folders."""
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model-dir", dest="model_dirs", action="append", default=None,
+                            help=f"model folder to {verb} (repeatable; default: the teacher)")
+    return add
+
+
 def parse_args(description: str, argv: list[str] | None = None, extra: Callable | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=str(DEFAULT_PARAMS_FILE), help="params file (default: params.yaml)")

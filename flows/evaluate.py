@@ -3,7 +3,7 @@
 from prefect import flow
 
 from bertshrink.params import Params
-from flows._cli import run_stage
+from flows._cli import model_dir_option, run_stage
 from tasks.evaluate import evaluate_model_task
 from tasks.tracking import stage_run
 
@@ -18,10 +18,5 @@ def evaluate_flow(params: Params, parent_run_id: str | None = None, model_dirs: 
     return results
 
 
-def _model_dir_arg(parser) -> None:
-    parser.add_argument("--model-dir", dest="model_dirs", action="append", default=None,
-                        help="model folder to evaluate (repeatable; default: the teacher)")
-
-
 if __name__ == "__main__":
-    run_stage(evaluate_flow, __doc__, extra=_model_dir_arg, cli_args=("model_dirs",))
+    run_stage(evaluate_flow, __doc__, extra=model_dir_option("evaluate"), cli_args=("model_dirs",))

@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import flow
 
 from bertshrink.params import Params
-from flows._cli import run_stage
+from flows._cli import model_dir_option, run_stage
 from tasks.evaluate import metrics_path
 from tasks.registry import register_model
 from tasks.tracking import stage_run
@@ -44,10 +44,5 @@ def register_flow(params: Params, parent_run_id: str | None = None, model_dirs: 
     return records
 
 
-def _model_dir_arg(parser) -> None:
-    parser.add_argument("--model-dir", dest="model_dirs", action="append", default=None,
-                        help="model folder to register (repeatable; default: the teacher)")
-
-
 if __name__ == "__main__":
-    run_stage(register_flow, __doc__, extra=_model_dir_arg, cli_args=("model_dirs",))
+    run_stage(register_flow, __doc__, extra=model_dir_option("register"), cli_args=("model_dirs",))
