@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bertshrink.data import PreparedData, replace_dir
-from bertshrink.modeling import MODEL_META_FILE, count_parameters, read_model_meta, save_model_folder
-from bertshrink.recipes import (DistillStep, DropLayersStep, FactorizeEmbeddingsStep, FinetuneStep, MagnitudeStep,
-                                PruneFfnStep, PruneHeadsStep, PruneVocabStep, Recipe)
+from bertshrink.modeling import MODEL_META_FILE, read_model_meta, save_model_folder
+from bertshrink.recipes import (DistillStep, DropLayersStep, ExportOnnxStep, FactorizeEmbeddingsStep, FinetuneStep,
+                                MagnitudeStep, PruneFfnStep, PruneHeadsStep, PruneVocabStep, QatStep, QuantizeStep,
+                                QuantNoiseStep, Recipe)
 
 IMPORTANCE_BATCH_SIZE = 16
 
@@ -163,16 +164,104 @@ def _finetune(step: FinetuneStep, current: Path, out: Path, ctx: RecipeContext) 
     return {"metrics": result.metrics}
 
 
+def _quantization_context(step: QatStep | QuantNoiseStep) -> Callable:
+    """``model -> context manager`` that trains ``model`` under fake quantization or quantization noise."""
+    from bertshrink.quant_training import quant_noise, quantization_aware
+
+    if isinstance(step, QatStep):
+        return lambda model: quantization_aware(model, bits=step.bits, per_channel=True,
+                                                quantize_activations=step.quantize_activations)
+    return lambda model: quant_noise(model, p=step.p, block_size=step.block_size, bits=step.bits)
+
+
+def _train_quantization_aware(step: QatStep | QuantNoiseStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    """A short distill or finetune of the current model with fake quantization (qat) or Quant-Noise on.
+
+    The saved weights are the latent fp32 ones; ``export_onnx`` + ``quantize`` then make them int8.
+    """
+    context = _quantization_context(step)
+    work = ctx.work_dir / f"ckpt-{out.name}"
+    if step.method == "finetune":
+        from bertshrink.params import TeacherParams
+        from bertshrink.training import fine_tune
+
+        params = TeacherParams(model=str(current), max_length=ctx.max_length, epochs=step.epochs,
+                               learning_rate=step.learning_rate, batch_size=step.batch_size, resume=False)
+        result = fine_tune(ctx.prepared, params, out, work, ctx.seed, train_context=context,
+                           extra_meta={k: v for k, v in read_model_meta(current).items() if k.startswith("recipe")})
+    else:
+        from bertshrink.distill import DistillConfig, distill
+
+        config = DistillConfig(temperature=step.temperature, alpha_ce=step.alpha_ce, alpha_kd=step.alpha_kd,
+                               epochs=step.epochs, learning_rate=step.learning_rate, batch_size=step.batch_size,
+                               max_length=ctx.max_length, seed=ctx.seed)
+        # The current model is the student (the teacher itself when this is the first step).
+        result = distill(ctx.teacher_dir, ctx.prepared, config, out, work, student_dir=current, train_context=context)
+    return {"metrics": getattr(result, "metrics", {})}
+
+
+# ---------------------------------------------------------------- export and quantization
+
+
+def _export_onnx(step: ExportOnnxStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    from bertshrink.onnx_export import export_onnx
+
+    # Parity is checked on real validation texts: held out from training, not the reported test split.
+    texts = ctx.prepared.splits["validation"]["text"].astype(str).tolist()[:step.parity_rows]
+    return export_onnx(current, out, texts, ctx.max_length, opset=step.opset, optimize=step.optimize,
+                       atol=step.atol, min_agreement=step.min_agreement)
+
+
+def _quantize(step: QuantizeStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    if not step.onnx:
+        from bertshrink.quantize_torch import quantize_torch
+
+        return quantize_torch(current, out, step.mode)
+    from bertshrink import quantize_onnx
+
+    if step.mode == "dynamic":
+        return quantize_onnx.quantize_dynamic_onnx(current, out, per_channel=step.per_channel,
+                                                   include_embeddings=step.include_embeddings)
+    if step.mode == "int4":
+        return quantize_onnx.quantize_int4_onnx(current, out, block_size=step.block_size)
+    return _quantize_static(step, current, out, ctx)
+
+
+def _quantize_static(step: QuantizeStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    """Static int8 calibrated on training rows; the rows' provenance goes into the candidate's metadata."""
+    from bertshrink import quantize_onnx
+    from bertshrink.calibration import select_calibration
+
+    texts, provenance = select_calibration(ctx.prepared.splits, step.calibration.split, step.calibration.rows, ctx.seed)
+    provenance["method"] = step.calibration.method
+    report = quantize_onnx.quantize_static_onnx(
+        current, out, texts, ctx.max_length, method=step.calibration.method,
+        per_channel=step.per_channel, quant_format=step.format,
+        # keep_fp32 names op types or node names; each list ignores what it does not match.
+        keep_fp32_op_types=step.keep_fp32, keep_fp32_nodes=step.keep_fp32, include_embeddings=step.include_embeddings)
+    _update_meta(out, {"calibration": provenance})
+    return {**report, "calibration": provenance}
+
+
+def _update_meta(model_dir: Path, values: dict) -> None:
+    meta = {**read_model_meta(model_dir), **values}
+    (model_dir / MODEL_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+
+
 STEP_RUNNERS: dict[type, Callable[..., dict]] = {
     DropLayersStep: _drop_layers, PruneHeadsStep: _prune_heads, PruneFfnStep: _prune_ffn, PruneVocabStep: _prune_vocab,
     FactorizeEmbeddingsStep: _factorize_embeddings, MagnitudeStep: _magnitude, DistillStep: _distill,
-    FinetuneStep: _finetune,
+    FinetuneStep: _finetune, QatStep: _train_quantization_aware, QuantNoiseStep: _train_quantization_aware,
+    ExportOnnxStep: _export_onnx, QuantizeStep: _quantize,
 }
 
 
 def _parameters(model_dir: Path) -> int:
-    model, _ = _load(model_dir)
-    return count_parameters(model)
+    """Parameter count of any model folder (PyTorch, ONNX, quantized), through its evaluation runner."""
+    from bertshrink.measure import load_runner
+    from bertshrink.params import EvaluateParams
+
+    return load_runner(model_dir, EvaluateParams(threads=1)).num_parameters()
 
 
 def run_recipe(name: str, recipe: Recipe, teacher_dir: Path, prepared: PreparedData, output_dir: Path,

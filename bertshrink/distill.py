@@ -15,6 +15,7 @@ folder format as the teacher (``kind: "distilled"``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import shutil
@@ -406,13 +407,14 @@ def _use_eager_attention(model) -> str:
 
 
 def distill(teacher_dir, prepared: PreparedData, config: DistillConfig, output_dir, work_dir,
-            student_dir=None, callbacks: list | None = None) -> TrainResult:
+            student_dir=None, callbacks: list | None = None, train_context=None) -> TrainResult:
     """Distill the classifier in ``teacher_dir`` into a smaller student saved at ``output_dir``.
 
     The student is the teacher cut down to ``config`` layers, or the model in ``student_dir`` (any
     smaller BERT with the teacher's vocabulary; it gets the teacher's labels and tokenizer).
     Checkpoints go to ``work_dir`` and are removed after saving (no resume: the projections are
-    not checkpointed). Returns ``TrainResult``; ``history`` is the trainer's log history (both
+    not checkpointed). ``train_context(student)`` wraps training (e.g. fake quantization) and must
+    leave a plain model behind when it exits. Returns ``TrainResult``; ``history`` is the trainer's log history (both
     stages, in order, when ``two_stage``).
     """
     from transformers import AutoTokenizer
@@ -457,22 +459,24 @@ def distill(teacher_dir, prepared: PreparedData, config: DistillConfig, output_d
     shutil.rmtree(work_dir, ignore_errors=True)
     history: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
-    for stage in stages:
-        stage_dir = work_dir / (stage or "single")
-        args = training_arguments(config.training_params(str(teacher_dir)), stage_dir, config.seed, precision_flags, device)
-        trainer = build_trainer(
-            DistillationTrainer, student, args, encoded, tokenizer, callbacks,
-            teacher=teacher,
-            weights=config.weights(stage),
-            layer_map=layer_map,
-            temperature=config.temperature,
-        )
-        train_output = trainer.train()
-        eval_metrics = trainer.evaluate()
-        prefix = f"{stage}_" if stage else ""
-        metrics.update({f"{prefix}{k}": v for k, v in {**train_output.metrics, **eval_metrics}.items()})
-        history.extend({**h, "stage": stage} if stage else h for h in trainer.state.log_history)
-        student = trainer.model
+    # The student object stays the same across stages (the Trainer does not copy it).
+    with train_context(student) if train_context else contextlib.nullcontext():
+        for stage in stages:
+            stage_dir = work_dir / (stage or "single")
+            args = training_arguments(config.training_params(str(teacher_dir)), stage_dir, config.seed, precision_flags, device)
+            trainer = build_trainer(
+                DistillationTrainer, student, args, encoded, tokenizer, callbacks,
+                teacher=teacher,
+                weights=config.weights(stage),
+                layer_map=layer_map,
+                temperature=config.temperature,
+            )
+            train_output = trainer.train()
+            eval_metrics = trainer.evaluate()
+            prefix = f"{stage}_" if stage else ""
+            metrics.update({f"{prefix}{k}": v for k, v in {**train_output.metrics, **eval_metrics}.items()})
+            history.extend({**h, "stage": stage} if stage else h for h in trainer.state.log_history)
+            student = trainer.model
     if config.two_stage:  # the headline figures are the final (prediction) stage's
         metrics.update({k[len("prediction_"):]: v for k, v in list(metrics.items()) if k.startswith("prediction_")})
     _check_finite_weights(student)

@@ -193,6 +193,55 @@ class TorchClassifier:
         return count_parameters(self.model)
 
 
+class OnnxClassifier:
+    """Runs an exported folder (``model.onnx`` + tokenizer + config) with ONNX Runtime on CPU."""
+
+    return_tensors = "np"
+
+    def __init__(self, model_dir: Path, threads: int):
+        import json
+        from types import SimpleNamespace
+
+        from transformers import AutoTokenizer
+
+        from bertshrink.onnx_export import ONNX_FILE, make_session
+
+        self.model_dir = Path(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        config = json.loads((self.model_dir / CONFIG_FILE).read_text())
+        self.session = make_session(self.model_dir / ONNX_FILE, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_name = self.session.get_outputs()[0].name
+        self.num_labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
+        positions = SimpleNamespace(max_position_embeddings=config.get("max_position_embeddings"))
+        self.max_length_limit = _max_length_limit(self.tokenizer, positions)
+
+    def forward(self, encoded: Mapping[str, Any]) -> np.ndarray:
+        """Logits for already-tokenized inputs (only the graph's declared inputs, as int64)."""
+        feed = {name: np.asarray(encoded[name], dtype=np.int64) for name in self.input_names}
+        return self.session.run([self.output_name], feed)[0]
+
+    def logits(self, texts: Sequence[str], batch_size: int, max_length: int) -> np.ndarray:
+        """Logits for raw texts, tokenized in batches of ``batch_size``."""
+        out = [self.forward(_encode(self, texts[i:i + batch_size], max_length))
+               for i in range(0, len(texts), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.num_labels), dtype=np.float32)
+
+    def predict(self, texts: Sequence[str], batch_size: int, max_length: int) -> np.ndarray:
+        """Predicted class ids."""
+        return self.logits(texts, batch_size, max_length).argmax(axis=-1)
+
+    def num_parameters(self) -> int:
+        """Values in weight initializers (int8 ones included; scales and zero points skipped)."""
+        import onnx
+
+        from bertshrink.onnx_export import ONNX_FILE
+
+        graph = onnx.load(str(self.model_dir / ONNX_FILE), load_external_data=False).graph
+        return sum(int(np.prod(t.dims)) for t in graph.initializer
+                   if len(t.dims) >= 2 and int(np.prod(t.dims)) >= 64)
+
+
 def _max_length_limit(tokenizer, config) -> int:
     # Tokenizers saved without model_max_length report ~1e30; the position table is the limit.
     limits = [x for x in (getattr(config, "max_position_embeddings", None),
@@ -221,12 +270,14 @@ def load_runner(model_dir: Path, params: EvaluateParams):
     model_dir = Path(model_dir)
     _require_model_dir(model_dir)
     names = {p.name for p in model_dir.iterdir()}
-    # ONNX / int8 runners go here, checked before torch since exports may keep torch weights.
+    # Checked before torch weights, since an export folder may also keep them.
+    if "model.onnx" in names:
+        return OnnxClassifier(model_dir, params.threads)
     if names & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json"}:
         return TorchClassifier(model_dir)
     raise ModelSourceError(
-        f"Don't know how to run {model_dir}: expected model.safetensors or pytorch_model.bin "
+        f"Don't know how to run {model_dir}: expected model.onnx, model.safetensors or pytorch_model.bin "
         f"next to {CONFIG_FILE}, found {sorted(names)}."
     )
 

@@ -8,7 +8,9 @@ silently mis-load). We record the per-layer shapes in two extra config attribute
 
 - ``bertshrink_heads_per_layer``: heads kept in each layer after head pruning;
 - ``bertshrink_intermediate_sizes``: FFN width of each layer after FFN pruning;
-- ``bertshrink_embedding_rank``: rank of the factorised word embeddings (ALBERT-style).
+- ``bertshrink_embedding_rank``: rank of the factorised word embeddings (ALBERT-style);
+- ``bertshrink_quantization``: ``{"backend": "torch", "mode": ...}`` for folders written by
+  ``bertshrink.quantize_torch`` (int8 torchao weights in ``pytorch_model.bin``, or fp16/bf16).
 
 This module is the small piece a user needs to load such a model::
 
@@ -27,6 +29,8 @@ from torch import nn
 HEADS_KEY = "bertshrink_heads_per_layer"
 FFN_KEY = "bertshrink_intermediate_sizes"
 EMBED_KEY = "bertshrink_embedding_rank"
+QUANT_KEY = "bertshrink_quantization"
+TORCH_WEIGHTS_FILE = "pytorch_model.bin"
 
 
 def _resized_linear(layer, out_features: int | None = None, in_features: int | None = None):
@@ -100,27 +104,33 @@ def apply_structure(model):
     return model
 
 
-STRUCTURE_KEYS = (HEADS_KEY, FFN_KEY, EMBED_KEY)
+# Quantized folders are included: from_pretrained cannot rebuild their torchao weights either.
+STRUCTURE_KEYS = (HEADS_KEY, FFN_KEY, EMBED_KEY, QUANT_KEY)
 
 
 def is_restructured(config) -> bool:
-    """True when the config (object or ``config.json`` dict) records shapes ``from_pretrained`` can't rebuild."""
+    """True when the config (object or ``config.json`` dict) records shapes or a quantized storage
+    ``from_pretrained`` can't rebuild."""
     get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
     return any(get(key) is not None for key in STRUCTURE_KEYS)
 
 
 def _load_state_dict(model_dir: Path) -> dict:
-    """All tensors of a (possibly sharded) safetensors checkpoint."""
+    """All tensors of a (possibly sharded) safetensors checkpoint, or of a quantized
+    ``pytorch_model.bin`` (torchao tensors; torchao registers them as safe to unpickle)."""
     import json
 
+    import torch
     from safetensors.torch import load_file
 
     single = model_dir / "model.safetensors"
     if single.is_file():
         return load_file(single)
     index = model_dir / "model.safetensors.index.json"
+    if not index.is_file() and (model_dir / TORCH_WEIGHTS_FILE).is_file():
+        return torch.load(model_dir / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
     if not index.is_file():
-        raise FileNotFoundError(f"No model.safetensors (or index) in {model_dir}.")
+        raise FileNotFoundError(f"No model.safetensors (or index, or {TORCH_WEIGHTS_FILE}) in {model_dir}.")
     state = {}
     for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
         state.update(load_file(model_dir / shard))
@@ -128,7 +138,8 @@ def _load_state_dict(model_dir: Path) -> dict:
 
 
 def load_classifier(model_dir):
-    """A sequence classifier from ``model_dir``, restoring pruned heads / FFN widths if recorded."""
+    """A sequence classifier from ``model_dir``, restoring pruned heads / FFN widths /
+    factorised embeddings / torch quantization if recorded."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification
 
     model_dir = Path(model_dir)
@@ -137,6 +148,12 @@ def load_classifier(model_dir):
         return AutoModelForSequenceClassification.from_pretrained(model_dir)
     model = BertForSequenceClassification(config)
     apply_structure(model)
+    quantization = getattr(config, QUANT_KEY, None)
+    if quantization:
+        # Same quantize_ call / cast as when saving, so parameters take the stored types.
+        from bertshrink.quantize_torch import prepare_quantized
+
+        prepare_quantized(model, quantization["mode"])
     state = _load_state_dict(model_dir)
     # Non-persistent buffers (position_ids) are not saved; strict on everything else.
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,10 +169,13 @@ def training_arguments(params: TeacherParams, work_dir: Path, seed: int, precisi
 
 
 def fine_tune(prepared: PreparedData, params: TeacherParams, output_dir: Path, work_dir: Path, seed: int,
-              extra_meta: dict[str, Any] | None = None, callbacks: list | None = None) -> TrainResult:
+              extra_meta: dict[str, Any] | None = None, callbacks: list | None = None,
+              train_context: Callable[[Any], AbstractContextManager] | None = None) -> TrainResult:
     """Fine-tune ``params.model`` on the prepared splits and save it to ``output_dir``.
 
     ``extra_meta`` (e.g. the tracking run id) is written into the folder's ``bertshrink.json``.
+    ``train_context(model)`` wraps training and the final evaluation (e.g. fake quantization); it
+    must leave a plain model behind when it exits, since that is what is saved.
     """
     set_seed(seed)
     device, precision_flags = pick_device_and_precision(params.precision)
@@ -181,9 +185,9 @@ def fine_tune(prepared: PreparedData, params: TeacherParams, output_dir: Path, w
     resume_from = _checkpoint_to_resume(Path(work_dir), fp, params.resume)
     args = training_arguments(params, Path(work_dir), seed, precision_flags, device)
     trainer = build_trainer(GuardedTrainer, model, args, encoded, tokenizer, callbacks)
-    with layer_drop(model, params.layerdrop):
+    with (train_context or _no_context)(model), layer_drop(model, params.layerdrop):
         train_output = trainer.train(resume_from_checkpoint=resume_from)
-    eval_metrics = trainer.evaluate()
+        eval_metrics = trainer.evaluate()
     _check_finite_weights(trainer.model)
     metrics = {**train_output.metrics, **eval_metrics}
     meta = {
@@ -202,6 +206,10 @@ def fine_tune(prepared: PreparedData, params: TeacherParams, output_dir: Path, w
     # Checkpoints exist to resume an interrupted run; once the model is saved they are spent.
     shutil.rmtree(work_dir, ignore_errors=True)
     return TrainResult(Path(output_dir), metrics, trainer.state.log_history, resume_from, device)
+
+
+def _no_context(model) -> AbstractContextManager:
+    return nullcontext()
 
 
 @contextmanager

@@ -33,7 +33,8 @@ def compare_flow(params: Params, parent_run_id: str | None = None, model_dirs: l
     """Interleaved latency of ``model_dirs`` (default: teacher + existing candidates), teacher first."""
     dirs = model_dirs or models_to_compare(params)
     with stage_run("compare", params.registry, parent_run_id) as run_id:
-        return compare_latency_task([str(Path(d)) for d in dirs], params.evaluate, params.base, run_id)
+        return compare_latency_task([str(Path(d)) for d in dirs], params.evaluate, params.base, run_id,
+                                    baseline=params.compress.baseline)
 
 
 if __name__ == "__main__":

@@ -34,24 +34,28 @@ from flows.validate import validate_flow
 from tasks.tracking import git_commit, log_artifact, log_metrics, pipeline_run, set_tags
 
 SUMMARY_COLUMNS = (
-    ("model", "model"), ("test acc", "metrics.test.accuracy"), ("retention", "vs_teacher.retention"),
+    ("model", "model"), ("format", "format"), ("test acc", "metrics.test.accuracy"), ("retention", "vs_teacher.retention"),
     ("test macro-F1", "metrics.test.macro_f1"), ("params (M)", "parameters"), ("size (MB)", "size.total_bytes"),
-    ("smaller", "vs_teacher.smaller"), ("b1 p50 ms", "latency.batch_1.p50_ms"), ("b1 p95 ms", "latency.batch_1.p95_ms"),
-    ("b1 speedup", "vs_teacher.b1_speedup"), ("b32 p50 ms", "latency.batch_32.p50_ms"),
+    ("smaller", "vs_teacher.smaller"), ("smaller vs base", "vs_baseline.smaller"),
+    ("b1 p50 ms", "latency.batch_1.p50_ms"), ("b1 p95 ms", "latency.batch_1.p95_ms"),
+    ("b1 speedup", "vs_teacher.b1_speedup"), ("b1 vs base", "vs_baseline.b1_speedup"),
+    ("b32 p50 ms", "latency.batch_32.p50_ms"), ("b32 speedup", "vs_teacher.b32_speedup"),
     ("b32 ex/s", "latency.batch_32.throughput_eps"),
 )
+RATIO_COLUMNS = ("smaller", "smaller vs base", "b1 speedup", "b1 vs base", "b32 speedup")
 
 
-def compare_to_teacher(result: dict, teacher: dict) -> dict:
-    """Retention of the teacher's test accuracy, size and batch-1 latency ratios (x times smaller/faster)."""
+def compare_to(result: dict, reference: dict | None) -> dict:
+    """Retention of the reference's test accuracy, and size / latency ratios (x times smaller / faster)."""
     def ratio(key, inverse=False):
-        a, b = _lookup(result, key), _lookup(teacher, key)
+        a, b = _lookup(result, key), _lookup(reference or {}, key)
         if not a or not b:
             return None
         return b / a if inverse else a / b
 
     return {"retention": ratio("metrics.test.accuracy"), "smaller": ratio("size.total_bytes", inverse=True),
-            "b1_speedup": ratio("latency.batch_1.p50_ms", inverse=True)}
+            "b1_speedup": ratio("latency.batch_1.p50_ms", inverse=True),
+            "b32_speedup": ratio("latency.batch_32.p50_ms", inverse=True)}
 
 
 def _lookup(result: dict, dotted: str):
@@ -68,7 +72,7 @@ def _cell(column: str, value) -> str:
         return "—"
     if column in ("params (M)", "size (MB)"):
         return f"{value / 1e6:.1f}"
-    if column in ("smaller", "b1 speedup"):
+    if column in RATIO_COLUMNS:
         return f"{value:.2f}x"
     if column == "retention":
         return f"{value:.1%}"
@@ -83,29 +87,56 @@ def with_compared_latency(results: list[dict], comparison: dict | None) -> list[
     return [{**r, "latency": models[r["model"]]["latency"]} if r.get("model") in models else r for r in results]
 
 
+def model_format(result: dict) -> str:
+    """pytorch / onnx, with the quantization mode where there is one (from the folder's metadata)."""
+    from bertshrink.modeling import read_model_meta
+
+    meta = read_model_meta(Path(result["model_dir"])) if result.get("model_dir") and Path(result["model_dir"]).is_dir() else {}
+    quantization = meta.get("quantization") or {}
+    mode = quantization.get("mode")
+    return f"{meta.get('format', 'pytorch')} {mode}" if mode else meta.get("format", "pytorch")
+
+
+def cpu_features(machine: dict) -> str:
+    """The CPU features int8 speed depends on (onnxruntime #6695), as 'avx2 yes, avx512_vnni yes, amx_int8 no'."""
+    flags = machine.get("cpu_flags", {})
+    return ", ".join(f"{name} {'yes' if flags.get(name) else 'no'}" for name in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def summary_markdown(results: list[dict], registered: list[dict], seconds: float,
-                     failed: dict[str, str] | None = None, comparison: dict | None = None) -> str:
-    """A table of every evaluated model (the teacher first), where each was registered, what failed."""
+                     failed: dict[str, str] | None = None, comparison: dict | None = None,
+                     baseline: str | None = None) -> str:
+    """A table of every evaluated model (the teacher first), where each was registered, what failed.
+
+    Ratios are to the PyTorch fp32 teacher and, when it ran, to ``baseline`` (the standard recipe).
+    """
     results = with_compared_latency(results, comparison)
     teacher = results[0] if results else {}
-    rows = [{**r, "vs_teacher": compare_to_teacher(r, teacher)} for r in results]
+    base = next((r for r in results if r.get("model") == baseline), None)
+    rows = [{**r, "format": model_format(r), "vs_teacher": compare_to(r, teacher),
+             "vs_baseline": compare_to(r, base) if base else {}} for r in results]
     header = "| " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " |"
     rule = "|" + "---|" * len(SUMMARY_COLUMNS)
     table = ["| " + " | ".join(_cell(c, _lookup(r, key)) for c, key in SUMMARY_COLUMNS) + " |" for r in rows]
     how = ("Latencies from one interleaved comparison (every batch run by every model back to back; "
            "`metrics/comparison.json`). " if comparison else "")
+    against = f" and to `{baseline}` (\"vs base\")" if base else ""
     lines = ["# bertshrink pipeline", "", header, rule, *table, "",
-             how + "Retention, smaller and speedup are relative to the teacher, measured in this run.", ""]
+             how + f"Retention, smaller and speedup are relative to the PyTorch fp32 teacher{against}, measured in this run.", ""]
     for record in registered:
-        lines.append(f"- registered `{record['name']}` version {record['version']} as `@{record['alias']}` "
-                     f"({record.get('flavor', 'transformers')} flavour)")
+        if record.get("registered") is False:
+            lines.append(f"- **not registered** `{record['alias']}` (kept for inspection): {record.get('reason')}")
+        else:
+            lines.append(f"- registered `{record['name']}` version {record['version']} as `@{record['alias']}` "
+                         f"({record.get('flavor', 'transformers')} flavour)")
     for name, why in (failed or {}).items():
         lines.append(f"- **failed** `{name}`: {why}")
     lines.append("")
     machine = results[0].get("machine", {}) if results else {}
     if machine:
-        lines.append(f"Measured on {machine.get('cpu_model', '?')}, {machine.get('threads', '?')} threads, "
-                     f"torch {machine.get('torch', '?')}, onnxruntime {machine.get('onnxruntime', '?')}.")
+        lines.append(f"Measured on {machine.get('cpu_model', '?')} ({cpu_features(machine)}), "
+                     f"{machine.get('threads', '?')} threads, torch {machine.get('torch', '?')}, "
+                     f"onnxruntime {machine.get('onnxruntime', '?')}.")
     lines.append(f"Pipeline wall time: {seconds / 60:.1f} min.")
     return "\n".join(lines)
 
@@ -167,7 +198,7 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
         results, registered = results + candidate_results, registered + candidate_records
         comparison = compare_flow(params, parent, [r["model_dir"] for r in results]) if len(results) > 1 else None
         seconds = time.time() - started
-        markdown = summary_markdown(results, registered, seconds, failed, comparison)
+        markdown = summary_markdown(results, registered, seconds, failed, comparison, params.compress.baseline)
         summary_file = Path(params.base.reports_dir) / "pipeline_summary.md"
         summary_file.parent.mkdir(parents=True, exist_ok=True)
         summary_file.write_text(markdown)

@@ -9,7 +9,8 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from bertshrink.data import load_prepared
-from bertshrink.measure import compare_latency, evaluate_model, flat_metrics, latency_texts, machine_info
+from bertshrink.measure import (compare_latency, evaluate_model, flat_metrics, latency_texts, machine_info,
+                                size_on_disk)
 from bertshrink.params import BaseParams, EvaluateParams
 from tasks.tracking import log_artifact, log_metrics, log_params, set_tags
 
@@ -41,18 +42,25 @@ def comparison_path(base: BaseParams) -> Path:
 
 
 @task(name="compare-latency", cache_policy=NO_CACHE)
-def compare_latency_task(model_dirs: list[str], evaluate: EvaluateParams, base: BaseParams, run_id: str) -> dict:
+def compare_latency_task(model_dirs: list[str], evaluate: EvaluateParams, base: BaseParams, run_id: str,
+                         baseline: str | None = None) -> dict:
     """Time every model interleaved on the same batches -> ``metrics/comparison.json`` + MLflow.
 
-    The first folder is the reference (the teacher): ratios are to it.
+    The first folder is the reference (the PyTorch fp32 teacher). Each model gets speed and size
+    ratios to it, and to ``baseline`` (the standard recipe, e.g. ``baseline-ort-int8``) when that
+    model is among them: all from this one run.
     """
     prepared = load_prepared(base.prepared_dir)
     dirs = {Path(d).name: Path(d) for d in model_dirs}
     latency = compare_latency(dirs, latency_texts(prepared.splits), evaluate, seed=base.seed)
+    sizes = {name: size_on_disk(d)["total_bytes"] for name, d in dirs.items()}
     reference = next(iter(dirs))
-    models = {name: {"latency": lat, "speedup_vs_" + reference: speedups(lat, latency[reference])}
+    references = [reference] + ([baseline] if baseline in dirs and baseline != reference else [])
+    models = {name: {"latency": lat, "size_bytes": sizes[name],
+                     **{k: v for ref in references for k, v in ratios(name, ref, latency, sizes).items()}}
               for name, lat in latency.items()}
-    result = {"reference": reference, "iterations": evaluate.timed_iterations, "models": models,
+    result = {"reference": reference, "baseline": baseline if baseline in dirs else None,
+              "iterations": evaluate.timed_iterations, "models": models,
               "method": "interleaved: each seeded batch is run by every model back to back, in rotating order",
               "machine": machine_info(evaluate.threads), "data_content_hash": prepared.content_hash}
     out = comparison_path(base)
@@ -62,6 +70,12 @@ def compare_latency_task(model_dirs: list[str], evaluate: EvaluateParams, base: 
         log_metrics(run_id, {f"{name}.{k}": v for k, v in flat_metrics(entry).items()})
     log_artifact(run_id, out)
     return result
+
+
+def ratios(name: str, reference: str, latency: dict, sizes: dict) -> dict:
+    """``speedup_vs_<reference>`` per batch size and ``smaller_vs_<reference>`` (2.0 = twice as fast / small)."""
+    return {f"speedup_vs_{reference}": speedups(latency[name], latency[reference]),
+            f"smaller_vs_{reference}": sizes[reference] / sizes[name] if sizes[name] else None}
 
 
 def speedups(latency: dict, reference: dict) -> dict:

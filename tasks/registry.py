@@ -1,6 +1,6 @@
-"""Prefect task for the register stage: log a model folder to MLflow (transformers flavour, or a
-pyfunc model for restructured candidates), register it, tag the version with its lineage, and
-point an alias at it."""
+"""Prefect task for the register stage: log a model folder to MLflow (transformers flavour; onnx
+flavour for ONNX candidates; a pyfunc model for restructured or torch-quantized ones), register it,
+tag the version with its lineage, and point an alias at it."""
 
 from __future__ import annotations
 
@@ -94,6 +94,40 @@ def _log_with_pyfunc(model_dir: str, registry: RegistryParams, metadata: dict):
     )
 
 
+ONNX_SERVING_PACKAGES = ("onnxruntime", "onnx", "tokenizers")
+# Files an ONNX candidate needs beside the graph: tokenizer, labels, and our lineage.
+ONNX_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json",
+                    "bertshrink.json")
+
+
+def _log_with_onnx_flavour(model_dir: str, registry: RegistryParams, metadata: dict):
+    """ONNX candidates: MLflow's onnx flavour (CPU provider, one self-contained file) plus the tokenizer files."""
+    import onnx
+
+    folder = Path(model_dir).resolve()
+    return mlflow.onnx.log_model(
+        onnx_model=onnx.load(str(folder / "model.onnx")),
+        name="model",
+        onnx_execution_providers=["CPUExecutionProvider"],
+        save_as_external_data=False,
+        extra_files=[str(folder / f) for f in ONNX_EXTRA_FILES if (folder / f).is_file()],
+        pip_requirements=[f"{name}=={_installed(name)}" for name in ONNX_SERVING_PACKAGES],
+        registered_model_name=registry.model_name,
+        metadata=metadata,
+    )
+
+
+def flavour_for(model_dir: str) -> str:
+    """onnx for exported graphs; pyfunc (our loader) for restructured or torch-quantized folders; else transformers."""
+    folder = Path(model_dir).resolve()
+    if (folder / "model.onnx").is_file():
+        return "onnx"
+    meta = read_model_meta(folder)
+    if meta.get("quantization", {}).get("backend") == "torch" or is_restructured(AutoConfig.from_pretrained(str(folder))):
+        return "pyfunc"
+    return "transformers"
+
+
 def version_tags(meta: dict, result: dict, summary: dict) -> dict:
     """Lineage and headline metrics for the model version (searchable in the MLflow UI)."""
     tags = {
@@ -111,7 +145,14 @@ def version_tags(meta: dict, result: dict, summary: dict) -> dict:
             "compress_run_id": meta.get("compress_run_id", "unknown"),
             "teacher_training_run_id": meta.get("teacher_training_run_id", "unknown"),
             "teacher_model_version": meta.get("teacher_model_version", "unknown"),
+            "format": meta.get("format", "pytorch"),
         })
+        if meta.get("quantization"):
+            tags["quantization"] = json.dumps(meta["quantization"], sort_keys=True, default=str)
+        if meta.get("calibration"):
+            calibration = meta["calibration"]
+            tags.update({"calibration.split": calibration.get("split"), "calibration.rows": calibration.get("rows"),
+                         "calibration.sha256": calibration.get("sha256"), "calibration.method": calibration.get("method")})
     else:
         tags["params"] = json.dumps(meta.get("params", {}), sort_keys=True)
     return tags
@@ -135,17 +176,20 @@ def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, 
     result = json.loads(Path(metrics_file).read_text())
     metrics = flat_metrics(result)
     summary = {k: metrics[k] for k in SUMMARY_METRICS if k in metrics}
-    metadata = {"bertshrink": {k: meta.get(k) for k in ("kind", "recipe", "source_model", "label_names", "max_length")}}
-    restructured = is_restructured(AutoConfig.from_pretrained(str(Path(model_dir).resolve())))
+    metadata = {"bertshrink": {k: meta.get(k) for k in ("kind", "recipe", "source_model", "label_names", "max_length",
+                                                         "format", "quantization")}}
+    flavour = flavour_for(model_dir)
     with mlflow.start_run(run_id=run_id):
-        if restructured:
+        if flavour == "onnx":
+            info = _log_with_onnx_flavour(model_dir, registry, metadata)
+        elif flavour == "pyfunc":
             info = _log_with_pyfunc(model_dir, registry, metadata)
         else:
             info = _log_with_transformers_flavour(model_dir, model_card(meta, summary), registry, metadata)
     log_metrics(run_id, summary)
     version = str(info.registered_model_version)
     client = MlflowClient()
-    tags = {**version_tags(meta, result, summary), "flavor": "pyfunc" if restructured else "transformers"}
+    tags = {**version_tags(meta, result, summary), "flavor": flavour}
     for key, value in tags.items():
         client.set_model_version_tag(registry.model_name, version, key, str(value)[:5000])
     client.set_registered_model_alias(registry.model_name, alias, version)

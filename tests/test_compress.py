@@ -103,3 +103,38 @@ def test_factorized_student_can_be_fine_tuned(tmp_path, teacher, prepared):
     assert records[1].parameters_after == records[0].parameters_after < records[0].parameters_before
     model = TorchClassifier(tmp_path / "cand").model
     assert model.bert.embeddings.word_embeddings.low.weight.shape[1] == 8
+
+
+def test_qat_then_export_and_static_int8_end_to_end(tmp_path, teacher, prepared):
+    """qat trains under fake quantization, export_onnx checks parity, static int8 records its calibration rows."""
+    from bertshrink.measure import OnnxClassifier, load_runner
+    from bertshrink.params import EvaluateParams
+
+    steps = [{"qat": {"method": "finetune", "epochs": 2, "learning_rate": 1e-3, "batch_size": 8}},
+             {"export_onnx": {"parity_rows": 16}},
+             {"quantize": {"mode": "static", "calibration": {"rows": 32, "method": "minmax"}}}]
+    records = run_recipe("qat-int8", recipe(steps), teacher, prepared, tmp_path / "qat-int8", tmp_path / "work", 0, 32)
+    assert [r.kind for r in records] == ["qat", "export_onnx", "quantize"]
+    assert records[1].details["parity"]["agreement"] >= 0.995
+    meta = read_model_meta(tmp_path / "qat-int8")
+    calibration = meta["calibration"]
+    assert calibration["split"] == "train" and calibration["rows"] == 32 and len(calibration["row_ids"]) == 32
+    assert set(calibration["row_ids"]) <= set(prepared.splits["train"].index)
+    assert meta["quantization"]["mode"] == "static" and meta["recipe"] == "qat-int8"
+    runner = load_runner(tmp_path / "qat-int8", EvaluateParams(threads=1))
+    assert isinstance(runner, OnnxClassifier)
+    texts = prepared.splits["test"]["text"].tolist()
+    agreement = (runner.predict(texts, 8, 32) == TorchClassifier(teacher).predict(texts, 8, 32)).mean()
+    assert agreement >= 0.8  # a tiny model quantized to int8 still mostly agrees with its teacher
+    assert records[2].parameters_after == records[1].parameters_after  # int8 keeps the parameters
+
+
+def test_quant_noise_recipe_trains_and_torch_int8_quantizes(tmp_path, teacher, prepared):
+    steps = [{"quant_noise": {"p": 0.5, "bits": 8, "epochs": 1, "learning_rate": 1e-3, "batch_size": 8}},
+             {"quantize": {"backend": "torch", "mode": "int8_weight_only"}}]
+    records = run_recipe("qn", recipe(steps), teacher, prepared, tmp_path / "qn", tmp_path / "work", 0, 32)
+    assert [r.kind for r in records] == ["quant_noise", "quantize"]
+    meta = read_model_meta(tmp_path / "qn")
+    assert meta["quantization"]["backend"] == "torch" and meta["quantization"]["mode"] == "int8_weight_only"
+    runner = TorchClassifier(tmp_path / "qn")
+    assert len(runner.predict(prepared.splits["test"]["text"].tolist(), 8, 32)) == len(prepared.splits["test"])

@@ -124,7 +124,8 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
                          {"distill": {"epochs": 3, "learning_rate": 3e-3, "batch_size": 8}}],
         "heads": [{"prune_heads": {"count": 1, "importance_batches": 2}}],
         "broken": [{"prune_ffn": {"ratio": 0.5}}],
-    }}
+        "onnx-int8": [{"export_onnx": {"parity_rows": 16}}, {"quantize": {"mode": "dynamic"}}],
+    }, "baseline": "onnx-int8"}
     params_file = write_params(workdir, toy_csv, tiny_bert, compress=recipes)
 
     def boom(*args, **kwargs):
@@ -134,14 +135,15 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
     with pytest.raises(CompressionError) as err:
         pipeline_flow(params_file=str(params_file), dvc_commit=False)
     assert "broken: RuntimeError: simulated step failure" in str(err.value)
-    assert "1 of 3 recipe(s) failed" in str(err.value)
+    assert "1 of 4 recipe(s) failed" in str(err.value)
 
     # candidates on disk, with their recipe; nothing for the failed one
     candidate = workdir / "models/candidates/drop-distill"
     assert json.loads((candidate / "bertshrink.json").read_text())["recipe"] == "drop-distill"
     assert not (workdir / "models/candidates/broken").exists()
     summary = json.loads((workdir / "reports/compress/summary.json").read_text())
-    assert [s["recipe"] for s in summary["succeeded"]] == ["drop-distill", "heads"] and "broken" in summary["failed"]
+    assert [s["recipe"] for s in summary["succeeded"]] == ["drop-distill", "heads", "onnx-int8"]
+    assert "broken" in summary["failed"]
 
     # evaluated with the teacher's code, in the same run
     teacher_metrics = json.loads((workdir / "metrics/teacher.json").read_text())
@@ -149,10 +151,25 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
     assert metrics["parameters"] < teacher_metrics["parameters"]
     assert metrics["metrics"]["test"]["accuracy"] >= 0.6
     comparison = json.loads((workdir / "metrics/comparison.json").read_text())
-    assert list(comparison["models"]) == ["teacher", "drop-distill", "heads"] and comparison["reference"] == "teacher"
+    assert list(comparison["models"]) == ["teacher", "drop-distill", "heads", "onnx-int8"]
+    assert comparison["reference"] == "teacher" and comparison["baseline"] == "onnx-int8"
     assert comparison["models"]["teacher"]["speedup_vs_teacher"]["batch_1"] == 1.0
+    # every model has ratios to the fp32 teacher and to the standard recipe, from this one run
+    onnx_entry = comparison["models"]["onnx-int8"]
+    assert onnx_entry["speedup_vs_onnx-int8"]["batch_1"] == 1.0 and onnx_entry["smaller_vs_onnx-int8"] == 1.0
+    # (sizes are whole folders: on a hidden-32 BERT the tokenizer files outweigh the weights)
+    sizes = {name: entry["size_bytes"] for name, entry in comparison["models"].items()}
+    assert onnx_entry["smaller_vs_teacher"] == pytest.approx(sizes["teacher"] / sizes["onnx-int8"])
+    assert comparison["models"]["heads"]["smaller_vs_onnx-int8"] == pytest.approx(sizes["onnx-int8"] / sizes["heads"])
+    heads_b1 = comparison["models"]["heads"]["speedup_vs_teacher"]["batch_1"]
+    assert heads_b1 == pytest.approx(comparison["models"]["teacher"]["latency"]["batch_1"]["p50_ms"]
+                                     / comparison["models"]["heads"]["latency"]["batch_1"]["p50_ms"])
+    onnx_metrics = json.loads((workdir / "metrics/onnx-int8.json").read_text())
+    assert onnx_metrics["metrics"]["test"]["accuracy"] >= teacher_metrics["metrics"]["test"]["accuracy"] - 0.1
+    assert "avx512_vnni" in onnx_metrics["machine"]["cpu_flags"]
     markdown = (workdir / "reports/pipeline_summary.md").read_text()
-    assert "interleaved comparison" in markdown
+    assert "interleaved comparison" in markdown and "| onnx-int8 | onnx dynamic |" in markdown
+    assert "b1 vs base" in markdown and "avx512_vnni" in markdown
     assert "| drop-distill |" in markdown and "| heads |" in markdown and "**failed** `broken`" in markdown
 
     # tracked: one run per recipe, with the teacher's lineage and per-step parameter counts
@@ -174,6 +191,11 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
         client.get_model_version_by_alias("tiny-teacher", "broken")
     served = mlflow.pyfunc.load_model("models:/tiny-teacher@heads").predict(["goal match team coach league"])
     assert list(served.columns) == ["label", "score"] and served["label"][0] in ("film", "money", "sport")
+    # the ONNX candidate: onnx flavour, an int8 graph, tokenizer files beside it
+    onnx_version = client.get_model_version_by_alias("tiny-teacher", "onnx-int8")
+    assert onnx_version.tags["flavor"] == "onnx" and json.loads(onnx_version.tags["quantization"])["mode"] == "dynamic"
+    graph = mlflow.onnx.load_model("models:/tiny-teacher@onnx-int8")
+    assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for node in graph.graph.node)
 
     # the stage flow alone (python -m flows.compress --recipe broken) ends in the same error
     from bertshrink.params import load_params

@@ -42,7 +42,7 @@ def test_default_params_have_no_recipes():
     ({"teacher": ["prune_vocab"]}, "cannot be named 'teacher'"),
     ({"champion": ["prune_vocab"]}, "recipe name 'champion' is reserved"),
     ({"v2": ["prune_vocab"]}, "recipe name 'v2' is reserved"),
-    ({"r1": ["prune_vocab", {"distill": {}}]}, "put prune_vocab after distill/finetune"),
+    ({"r1": ["prune_vocab", {"distill": {}}]}, "put prune_vocab after distill"),
     ({"r1": ["factorize_embeddings", "prune_vocab"]}, "put prune_vocab before factorize_embeddings"),
     ({"r1": ["factorize_embeddings", "factorize_embeddings"]}, "factorised once"),
     ({"r1": [{"factorize_embeddings": {"rank": 0}}]}, "compress.recipes.r1.steps.0.factorize_embeddings.rank"),
@@ -71,3 +71,71 @@ def test_impossible_numbers_against_the_teacher_shape():
     assert "compress.recipes.wide-student[1].distill: student_layers 4 > the 3 layers available" in text
     assert "compress.recipes.full-rank[0].factorize_embeddings: rank 384 >= hidden size 384 saves nothing" in text
     assert not [p for p in problems if "recipes.fine" in p or "recipes.low-rank" in p]
+
+
+def test_quantization_steps_parse_with_their_defaults():
+    from bertshrink.recipes import ExportOnnxStep, QatStep, QuantizeStep, QuantNoiseStep
+
+    parsed = recipes({
+        "baseline": ["export_onnx", {"quantize": {"mode": "dynamic"}}],
+        "static": ["export_onnx", {"quantize": {"mode": "static", "calibration": {"rows": 64, "method": "entropy"},
+                                                "keep_fp32": ["SkipLayerNormalization", "Add"]}}],
+        "qat": [{"qat": {"epochs": 1}}, "export_onnx", {"quantize": {"mode": "static"}}],
+        "noise": [{"quant_noise": {"p": 0.25, "bits": 4, "method": "finetune"}}, "export_onnx",
+                  {"quantize": {"mode": "int4"}}],
+        "torch": [{"quantize": {"backend": "torch", "mode": "fp16"}}],
+    }).recipes
+    export, quantize = parsed["baseline"].steps
+    assert isinstance(export, ExportOnnxStep) and export.atol == 1e-3 and export.min_agreement == 0.995
+    assert isinstance(quantize, QuantizeStep) and quantize.backend == "onnxruntime" and quantize.include_embeddings
+    static = parsed["static"].steps[1]
+    assert static.calibration.split == "train" and static.calibration.rows == 64 and static.calibration.method == "entropy"
+    assert static.keep_fp32 == ("SkipLayerNormalization", "Add")
+    assert isinstance(parsed["qat"].steps[0], QatStep) and parsed["qat"].steps[0].method == "distill"
+    noise = parsed["noise"].steps[0]
+    assert isinstance(noise, QuantNoiseStep) and (noise.p, noise.bits, noise.block_size) == (0.25, 4, 8)
+    assert parsed["torch"].steps[0].mode == "fp16" and not parsed["torch"].steps[0].onnx
+
+
+@pytest.mark.parametrize("steps, fragment", [
+    (["quantize"], "needs an ONNX model: put export_onnx before it"),
+    (["export_onnx", "prune_vocab"], "step 1 (prune_vocab) comes after export_onnx"),
+    (["export_onnx", {"quantize": {"backend": "torch", "mode": "fp16"}}], "comes after export_onnx"),
+    (["export_onnx", "export_onnx"], "export_onnx appears twice"),
+    (["export_onnx", "quantize", "quantize"], "quantize appears twice"),
+    ([{"quantize": {"backend": "torch", "mode": "fp16"}}, "prune_vocab"], "quantize must be the last step"),
+    ([{"quantize": {"backend": "torch", "mode": "dynamic"}}], "mode 'dynamic' is not a torch mode"),
+    (["export_onnx", {"quantize": {"mode": "int8_dynamic"}}], "not a onnxruntime mode"),
+    (["export_onnx", {"quantize": {"mode": "dynamic", "keep_fp32": ["Add"]}}], "keep_fp32 applies to mode: static"),
+    (["export_onnx", {"quantize": {"mode": "static", "calibration": {"split": "test"}}}],
+     "calibration split 'test' is an evaluation split"),
+    (["export_onnx", {"quantize": {"mode": "static", "calibration": {"split": "validation"}}}], "evaluation split"),
+    (["export_onnx", {"quantize": {"mode": "static", "calibration": {"rows": 10}}}],
+     "calibration rows 10 is too small: use at least 32"),
+    (["prune_vocab", {"qat": {}}], "put prune_vocab after distill"),
+    ([{"quant_noise": {"p": 0}}], "quant_noise.p"),
+    ([{"quant_noise": {"bits": 2}}], "quant_noise.bits"),
+])
+def test_bad_quantization_recipes_fail_at_params_time(steps, fragment):
+    with pytest.raises(ParamsError) as err:
+        recipes({"r1": steps})
+    assert fragment in str(err.value)
+
+
+def test_finetune_may_follow_vocabulary_pruning():
+    # fine-tuning reads with the model's own pruned tokenizer (e.g. to recover after factorization)
+    steps = recipes({"r1": ["prune_vocab", "factorize_embeddings", {"finetune": {}}]}).recipes["r1"].steps
+    assert [s.kind for s in steps] == ["prune_vocab", "factorize_embeddings", "finetune"]
+    with pytest.raises(ParamsError, match="put prune_vocab after distill"):
+        recipes({"r1": ["prune_vocab", {"quant_noise": {"method": "distill"}}]})
+    recipes({"r1": ["prune_vocab", {"quant_noise": {"method": "finetune"}}]})  # own tokenizer: fine
+
+
+def test_default_params_include_the_standard_baseline_and_a_combined_recipe():
+    from bertshrink.params import load_params
+
+    params = load_params()
+    assert params.compress.baseline == "baseline-ort-int8"
+    assert [s.kind for s in params.compress.recipes["baseline-ort-int8"].steps] == ["export_onnx", "quantize"]
+    assert params.compress.recipes["baseline-ort-int8"].steps[1].mode == "dynamic"
+    assert [s.kind for s in params.compress.recipes["teacher-onnx"].steps] == ["export_onnx"]
