@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test repro sst2 mlflow-ui clean
+.PHONY: install run test repro sst2 quant-noise mlflow-ui clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ test: install         ## the test suite (offline, ~minutes on 2 cores)
 
 sst2: install         ## the same pipeline on GLUE SST-2 from ../shared/datasets/sst2 (configs/sst2.yaml)
 	$(PY) -m flows.pipeline --params configs/sst2.yaml
+
+quant-noise: install  ## Quant-Noise vs plain PTQ on the teacher of `make run` -> reports/quant_noise.md
+	$(PY) benchmarks/quant_noise.py
 
 repro: install        ## the same stages through DVC, rerunning only what changed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro   # dvc.yaml stages call `python`: the venv's

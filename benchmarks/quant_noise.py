@@ -9,7 +9,7 @@ Three versions of one student (by default the pipeline's teacher) are quantized 
 
 Each is scored on the test split in fp32, with its encoder weights rounded to scalar intN per
 channel (simulated in PyTorch, the paper's setting), and as ONNX Runtime int4 (MatMulNBits) and
-dynamic int8 models (exported and quantized by the recipe steps). Writes
+dynamic int8 models (exported by the recipe step, quantized by ``bertshrink.quantize_onnx``). Writes
 ``reports/quant_noise.json`` and ``reports/quant_noise.md``.
 
 Run after the pipeline has prepared the data and trained the teacher:
@@ -34,12 +34,13 @@ from bertshrink.data import load_prepared  # noqa: E402
 from bertshrink.measure import classification_metrics, load_runner, size_on_disk  # noqa: E402
 from bertshrink.params import load_params  # noqa: E402
 from bertshrink.quant_training import round_weights_  # noqa: E402
+from bertshrink.quantize_onnx import quantize_dynamic_onnx, quantize_int4_onnx  # noqa: E402
 from bertshrink.recipes import Recipe  # noqa: E402
 
 SIMULATED_BITS = (8, 4, 3)
 RUNTIME_QUANTIZATIONS = {
-    "ort-int4": [{"quantize": {"backend": "onnxruntime", "mode": "int4", "block_size": 32}}],
-    "ort-int8-dynamic": [{"quantize": {"backend": "onnxruntime", "mode": "dynamic"}}],
+    "ort-int4": lambda onnx, out: quantize_int4_onnx(onnx, out, block_size=32),
+    "ort-int8-dynamic": lambda onnx, out: quantize_dynamic_onnx(onnx, out, per_channel=True),
 }
 
 
@@ -74,7 +75,7 @@ def accuracy(model_dir: Path, test, evaluate, round_bits: int | None = None) -> 
     runner = load_runner(model_dir, evaluate)
     if round_bits:
         round_weights_(runner.model, round_bits)
-    predictions = runner.predict(test["text"].tolist(), evaluate.batch_size, evaluate.max_length)
+    predictions = runner.predict(test["text"].tolist(), evaluate.eval_batch_size, evaluate.max_length)
     return classification_metrics(test["label"].to_numpy(), predictions, runner.num_labels)["accuracy"]
 
 
@@ -100,7 +101,8 @@ def study(args) -> dict:
             row[f"int{bits}-scalar"] = accuracy(trained, test, evaluate, round_bits=bits)
         onnx = build(f"{variant}-onnx", [{"export_onnx": {}}], trained, prepared, params, args)
         for name, quantize in RUNTIME_QUANTIZATIONS.items():
-            folder = build(f"{variant}-{name}", quantize, onnx, prepared, params, args)
+            folder = args.work / f"{variant}-{name}"
+            quantize(onnx, folder)
             row[name] = accuracy(folder, test, evaluate)
             row[f"{name}_mb"] = round(size_on_disk(folder)["total_bytes"] / 1e6, 1)
         rows[variant] = row
@@ -121,7 +123,10 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return main_with(parse_args(argv))
+
+
+def main_with(args: argparse.Namespace) -> int:
     result = study(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))

@@ -121,8 +121,11 @@ def _prune_ffn(step: PruneFfnStep, current: Path, out: Path, ctx: RecipeContext)
 def _prune_vocab(step: PruneVocabStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
     from bertshrink.prune import prune_vocab
 
-    # The training texts only: evaluation texts must not decide what the model can read.
+    # Training texts only (with the transfer texts, if any): evaluation texts must not decide
+    # what the model can read.
     texts = ctx.prepared.splits["train"]["text"].tolist()
+    if ctx.prepared.transfer is not None:
+        texts += ctx.prepared.transfer["text"].tolist()
     return _edit_folder(current, out, lambda model, tokenizer: prune_vocab(model, tokenizer, texts,
                                                                           keep_tokens=step.keep_tokens))
 

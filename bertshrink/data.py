@@ -23,16 +23,19 @@ from bertshrink.params import DataParams
 from bertshrink.sources import RawDataset
 
 SPLITS = ("train", "validation", "test")
+TRANSFER = "transfer"
 META_FILE = "meta.json"
 
 
 @dataclass
 class PreparedData:
-    """The three splits, their label names, and what was done to make them."""
+    """The three splits, their label names, and what was done to make them; ``transfer``: unlabelled
+    texts for distillation (``None`` unless ``data.transfer_samples`` asked for them)."""
 
     splits: dict[str, pd.DataFrame]
     label_names: list[str]
     meta: dict = field(default_factory=dict)
+    transfer: pd.DataFrame | None = None
 
     @property
     def content_hash(self) -> str:
@@ -44,14 +47,19 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\s+", " ", str(text)).strip().lower()
 
 
-def content_hash(splits: dict[str, pd.DataFrame]) -> str:
-    """sha256 over every split's (text, label) rows in order; independent of Parquet encoding."""
+def content_hash(splits: dict[str, pd.DataFrame], transfer: pd.DataFrame | None = None) -> str:
+    """sha256 over every split's (text, label) rows in order, then the transfer texts if any;
+    independent of Parquet encoding (and unchanged for data without a transfer set)."""
     digest = hashlib.sha256()
     for name in SPLITS:
         digest.update(f"[{name}]".encode())
         for text, label in zip(splits[name]["text"], splits[name]["label"]):
             digest.update(str(text).encode("utf-8", "replace"))
             digest.update(f"\x1f{label}\x1e".encode())
+    if transfer is not None:
+        digest.update(f"[{TRANSFER}]".encode())
+        for text in transfer["text"]:
+            digest.update(str(text).encode("utf-8", "replace") + b"\x1e")
     return digest.hexdigest()
 
 
@@ -90,6 +98,17 @@ def _stratified_split(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[
     return to_frame(parts["train"]), to_frame(parts["test"]), stratified
 
 
+def _transfer_texts(pool: pd.DataFrame, kept: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame | None:
+    """The training rows that capping left out (at most ``limit``, seeded), without their labels."""
+    if limit == 0:
+        return None
+    taken = set(kept["text"])
+    left_out = pool[~pool["text"].isin(taken)]
+    if limit is not None and len(left_out) > limit:
+        left_out = left_out.sample(n=limit, random_state=seed)
+    return left_out[["text"]].reset_index(drop=True)
+
+
 def _cap(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
     """A seeded, stratified subsample of at most ``limit`` rows (CPU budgets)."""
     if limit is None or len(frame) <= limit:
@@ -113,7 +132,9 @@ def prepare_splits(raw: RawDataset, params: DataParams, seed: int) -> PreparedDa
         share = min(0.9, fraction * pool / len(frames["train"]))
         frames["train"], frames[name], stratified[name] = _stratified_split(frames["train"], share, seed)
         provenance[name] = f"carved from train ({share:.1%}, seed {seed})"
-    frames["train"] = _cap(frames["train"], params.max_train_samples, seed)
+    pool = frames["train"]
+    frames["train"] = _cap(pool, params.max_train_samples, seed)
+    transfer = _transfer_texts(pool, frames["train"], params.transfer_samples, seed)
     for name in ("validation", "test"):
         frames[name] = _cap(frames[name], params.max_eval_samples, seed)
     splits = {name: frames[name][["text", "label"]].reset_index(drop=True) for name in SPLITS}
@@ -130,8 +151,10 @@ def prepare_splits(raw: RawDataset, params: DataParams, seed: int) -> PreparedDa
         "params": params.model_dump(mode="json"),
     }
     meta["class_counts"] = {k: {str(l): int(c) for l, c in v.items()} for k, v in meta["class_counts"].items()}
-    meta["content_hash"] = content_hash(splits)
-    return PreparedData(splits, list(raw.label_names), meta)
+    if transfer is not None:
+        meta["rows"][TRANSFER] = len(transfer)
+    meta["content_hash"] = content_hash(splits, transfer)
+    return PreparedData(splits, list(raw.label_names), meta, transfer)
 
 
 def write_prepared(prepared: PreparedData, out_dir: Path) -> Path:
@@ -142,6 +165,8 @@ def write_prepared(prepared: PreparedData, out_dir: Path) -> Path:
     try:
         for name, frame in prepared.splits.items():
             frame.to_parquet(tmp / f"{name}.parquet", index=False)
+        if prepared.transfer is not None:
+            prepared.transfer.to_parquet(tmp / f"{TRANSFER}.parquet", index=False)
         (tmp / META_FILE).write_text(json.dumps(prepared.meta, indent=2, sort_keys=True))
         replace_dir(tmp, out_dir)
     finally:
@@ -171,4 +196,6 @@ def load_prepared(prepared_dir: Path) -> PreparedData:
         )
     meta = json.loads(meta_path.read_text())
     splits = {s: pd.read_parquet(prepared_dir / f"{s}.parquet") for s in SPLITS}
-    return PreparedData(splits, meta["label_names"], meta)
+    transfer_path = prepared_dir / f"{TRANSFER}.parquet"
+    transfer = pd.read_parquet(transfer_path) if transfer_path.is_file() else None
+    return PreparedData(splits, meta["label_names"], meta, transfer)

@@ -38,6 +38,7 @@ from bertshrink.training import (
     _check_finite_weights,
     build_trainer,
     pick_device_and_precision,
+    tokenize_frame,
     tokenize_splits,
     training_arguments,
 )
@@ -64,6 +65,17 @@ def kd_logits_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the rows that have a label (``labels >= 0``); 0 when none has.
+
+    Transfer texts carry label -100: a batch of only those has no hard-label loss, not a NaN.
+    """
+    labelled = labels >= 0
+    if not labelled.any():
+        return logits.sum() * 0.0  # keeps the graph (and the dtype/device) for backward
+    return F.cross_entropy(logits[labelled], labels[labelled])
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -203,6 +215,8 @@ class DistillConfig:
     layers the student was initialised from, or to ``uniform_layer_map`` for a ``student_dir``.
     ``two_stage`` runs TinyBERT's schedule: stage 1 with the intermediate losses only, then stage 2
     with the prediction losses only (``ce`` + ``kd``), each for ``epochs``.
+    ``transfer`` adds the prepared transfer texts to the training set: unlabelled, they train on
+    the teacher's outputs only (every loss but ``ce``), as DistilBERT's and TinyBERT's transfer sets.
     """
 
     student_layers: int | None = None
@@ -215,6 +229,7 @@ class DistillConfig:
     alpha_embedding: float = 0.0
     layer_map: list[int] | None = None
     two_stage: bool = False
+    transfer: bool = False
     epochs: float = 3.0
     learning_rate: float = 5e-5
     batch_size: int = 16
@@ -350,13 +365,14 @@ class DistillationTrainer(GuardedTrainer):
         mask = inputs.get("attention_mask")
         if self.projections.training != model.training:
             self.projections.train(model.training)
-        out = model(**inputs, output_hidden_states=need_hidden, output_attentions=need_attn)
+        labels = inputs.get("labels")
+        features = {k: v for k, v in inputs.items() if k != "labels"}
+        out = model(**features, output_hidden_states=need_hidden, output_attentions=need_attn)
         with torch.no_grad():
-            t_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            t_out = self.teacher(**t_inputs, output_hidden_states=need_hidden, output_attentions=need_attn)
+            t_out = self.teacher(**features, output_hidden_states=need_hidden, output_attentions=need_attn)
         parts: dict[str, torch.Tensor] = {}
-        if w["ce"] > 0:
-            parts["ce"] = out.loss
+        if w["ce"] > 0 and labels is not None:
+            parts["ce"] = labelled_cross_entropy(out.logits, labels)
         if w["kd"] > 0:
             parts["kd"] = kd_logits_loss(out.logits, t_out.logits, self.temperature)
         if w["embedding"] > 0:
@@ -397,6 +413,23 @@ def _load_classifier(folder, num_labels: int | None = None):
         return AutoModelForSequenceClassification.from_pretrained(str(folder), **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def with_transfer_texts(train, prepared: PreparedData, tokenizer, max_length: int):
+    """``train`` (tokenized) plus the prepared transfer texts, labelled -100 (no hard label)."""
+    import datasets
+
+    from bertshrink.data import TRANSFER
+
+    if prepared.transfer is None or prepared.transfer.empty:
+        raise ValueError(
+            "distill has transfer: true, but the prepared data has no transfer texts. Set "
+            "data.transfer_samples (e.g. null: every training row max_train_samples leaves out) and "
+            "rerun the prepare stage, or set transfer: false."
+        )
+    frame = prepared.transfer[["text"]].assign(label=-100)
+    transfer = tokenize_frame(frame, tokenizer, max_length).cast(train.features)
+    return datasets.concatenate_datasets([train, transfer])
 
 
 def _use_eager_attention(model) -> str:
@@ -454,6 +487,8 @@ def distill(teacher_dir, prepared: PreparedData, config: DistillConfig, output_d
         _use_eager_attention(teacher)
 
     encoded = tokenize_splits(prepared, tokenizer, config.max_length)
+    if config.transfer:
+        encoded["train"] = with_transfer_texts(encoded["train"], prepared, tokenizer, config.max_length)
     stages = (["intermediate", "prediction"] if config.two_stage else [None])
     work_dir = Path(work_dir)
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -491,6 +526,7 @@ def distill(teacher_dir, prepared: PreparedData, config: DistillConfig, output_d
         "distill": config.to_dict(),
         "label_names": prepared.label_names,
         "data_content_hash": prepared.content_hash,
+        "transfer_rows": len(prepared.transfer) if config.transfer else 0,
         "max_length": config.max_length,
         "parameters_before": count_parameters(teacher),
         "parameters_after": count_parameters(student),

@@ -56,6 +56,10 @@ class DataParams(_Section):
     drop_duplicates: bool = True
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+    # Training rows that max_train_samples leaves out, kept (texts only, labels dropped) as the
+    # transfer set that `distill: {transfer: true}` lets the teacher label (DistilBERT, TinyBERT).
+    # 0: none; null: all of them.
+    transfer_samples: int | None = Field(0, ge=0)
     # The source's split name -> ours, overriding the usual aliases (dev = validation), e.g.
     # {dev: test} to report on GLUE's dev set as the papers do; `ignore` leaves a split out.
     split_names: dict[str, Literal["train", "validation", "test", "ignore"]] = Field(default_factory=dict)

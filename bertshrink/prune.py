@@ -312,15 +312,9 @@ def prune_vocab(model, tokenizer, texts: Iterable[str], keep_tokens: Iterable[st
     new_vocab = {id_to_token[old]: new for new, old in enumerate(old_ids)}
 
     embeddings = model.get_input_embeddings()
-    if isinstance(embeddings, FactorizedEmbedding):
-        raise ValueError("Prune the vocabulary before factorising the embeddings.")
     before = count_parameters(model)
     pad_id = new_vocab.get(tokenizer.pad_token) if tokenizer.pad_token else None
-    new_embeddings = nn.Embedding(len(old_ids), embeddings.embedding_dim, padding_idx=pad_id,
-                                  device=embeddings.weight.device, dtype=embeddings.weight.dtype)
-    with torch.no_grad():
-        new_embeddings.weight.copy_(embeddings.weight[torch.tensor(old_ids)])
-    model.set_input_embeddings(new_embeddings)
+    model.set_input_embeddings(_embedding_rows(embeddings, old_ids, pad_id))
     model.config.vocab_size = len(old_ids)
     if pad_id is not None:
         model.config.pad_token_id = pad_id
@@ -341,6 +335,21 @@ def prune_vocab(model, tokenizer, texts: Iterable[str], keep_tokens: Iterable[st
     report = {"vocab_before": embeddings.num_embeddings, "vocab_after": len(old_ids),
               "params_before": before, "params_after": count_parameters(model)}
     return model, new_tokenizer, report
+
+
+def _embedding_rows(embeddings, rows: list[int], pad_id: int | None):
+    """A copy of ``embeddings`` holding only ``rows`` (a factorised table keeps its projection)."""
+    table = embeddings.low if isinstance(embeddings, FactorizedEmbedding) else embeddings
+    kept = nn.Embedding(len(rows), table.embedding_dim, padding_idx=pad_id,
+                        device=table.weight.device, dtype=table.weight.dtype)
+    with torch.no_grad():
+        kept.weight.copy_(table.weight[torch.tensor(rows)])
+    if not isinstance(embeddings, FactorizedEmbedding):
+        return kept
+    factored = FactorizedEmbedding(len(rows), table.embedding_dim, embeddings.embedding_dim)
+    factored.to(table.weight.device, table.weight.dtype)
+    factored.low, factored.proj = kept, embeddings.proj
+    return factored
 
 
 def factorize_embeddings(model, rank: int):

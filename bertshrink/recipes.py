@@ -31,6 +31,7 @@ class DistillStep(_Step):
     alpha_attention: float = Field(0.0, ge=0.0)
     alpha_embedding: float = Field(0.0, ge=0.0)
     two_stage: bool = False
+    transfer: bool = False   # also train on data.transfer_samples' unlabelled texts, labelled by the teacher
     epochs: float = Field(2.0, gt=0.0, le=100.0)
     learning_rate: float = Field(1e-4, gt=0.0, lt=1.0)
     batch_size: int = Field(16, ge=1, le=4096)
@@ -244,7 +245,7 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _step_order(self) -> "Recipe":
         _vocab_pruning_before_training(self.steps)
-        _factorization_last_of_embedding_edits(self.steps)
+        _factorization_once(self.steps)
         _onnx_steps_last(self.steps)
         _quantization_last(self.steps)
         return self
@@ -303,13 +304,10 @@ def _quantization_last(steps) -> None:
         raise ValueError(f"quantize must be the last step (found {steps[quantize_at[0] + 1].kind} after it)")
 
 
-def _factorization_last_of_embedding_edits(steps) -> None:
-    """prune_vocab edits the full embedding matrix, which factorization replaces; only once, too."""
+def _factorization_once(steps) -> None:
     kinds = [step.kind for step in steps]
     if kinds.count("factorize_embeddings") > 1:
         raise ValueError("factorize_embeddings appears twice; the embeddings can be factorised once")
-    if "factorize_embeddings" in kinds and "prune_vocab" in kinds[kinds.index("factorize_embeddings"):]:
-        raise ValueError("put prune_vocab before factorize_embeddings: it edits the full embedding matrix")
 
 
 # MLflow reserves "latest" and v<N>; champion/challenger are the promotion aliases.

@@ -111,16 +111,18 @@ def _checkpoint_to_resume(work_dir: Path, fp: str, resume: bool) -> str | None:
 
 def tokenize_splits(prepared: PreparedData, tokenizer, max_length: int, names=("train", "validation")):
     """``datasets`` with input ids, truncated at ``max_length``; padding happens per batch."""
+    return {name: tokenize_frame(prepared.splits[name], tokenizer, max_length) for name in names}
+
+
+def tokenize_frame(frame, tokenizer, max_length: int):
+    """A ``text``/``label`` frame as a ``datasets.Dataset`` of input ids and ``labels``."""
     import datasets
 
     def encode(batch):
         return tokenizer(batch["text"], truncation=True, max_length=max_length)
 
-    out = {}
-    for name in names:
-        ds = datasets.Dataset.from_pandas(prepared.splits[name], preserve_index=False)
-        out[name] = ds.map(encode, batched=True, remove_columns=["text"]).rename_column("label", "labels")
-    return out
+    ds = datasets.Dataset.from_pandas(frame, preserve_index=False)
+    return ds.map(encode, batched=True, remove_columns=["text"]).rename_column("label", "labels")
 
 
 def accuracy_metric(eval_pred) -> dict[str, float]:

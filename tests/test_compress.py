@@ -138,3 +138,32 @@ def test_quant_noise_recipe_trains_and_torch_int8_quantizes(tmp_path, teacher, p
     assert meta["quantization"]["backend"] == "torch" and meta["quantization"]["mode"] == "int8_weight_only"
     runner = TorchClassifier(tmp_path / "qn")
     assert len(runner.predict(prepared.splits["test"]["text"].tolist(), 8, 32)) == len(prepared.splits["test"])
+
+
+def test_quant_noise_benchmark_compares_three_students_under_every_quantization(tmp_path, teacher, prepared):
+    import json
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from bertshrink.data import write_prepared
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import quant_noise
+
+    write_prepared(prepared, tmp_path / "data/prepared")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"evaluate": {"max_length": 32, "threads": 1}}))
+    args = quant_noise.parse_args(["--params", str(params), "--root", str(tmp_path), "--student", str(teacher),
+                                   "--epochs", "1", "--learning-rate", "1e-3", "--p", "0.5"])
+    assert quant_noise.main_with(args) == 0
+    result = json.loads((tmp_path / "reports/quant_noise.json").read_text())
+    assert list(result["results"]) == ["ptq", "finetune", "quant-noise"]
+    columns = ["fp32", "int8-scalar", "int4-scalar", "int3-scalar", "ort-int4", "ort-int8-dynamic"]
+    for row in result["results"].values():
+        assert all(0.0 <= row[c] <= 1.0 for c in columns)
+    assert result["results"]["ptq"]["fp32"] >= 0.9  # the trained tiny teacher itself
+    table = (tmp_path / "reports/quant_noise.md").read_text()
+    assert "| quant-noise |" in table and "ort-int4" in table
+    assert not (tmp_path / "checkpoints/quant_noise").exists()

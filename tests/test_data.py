@@ -154,6 +154,27 @@ def test_caps_are_stratified():
     assert len(prepared.splits["test"]) == 12 and len(prepared.splits["validation"]) == 12
 
 
+def test_transfer_set_is_the_capped_out_training_texts_without_labels(tmp_path):
+    params = DataParams(max_train_samples=30, max_eval_samples=12, transfer_samples=None)
+    prepared = prepare_splits(toy_raw(100), params, seed=0)
+    transfer, splits = prepared.transfer, prepared.splits
+    assert list(transfer.columns) == ["text"]  # labels dropped: nothing can train on them by accident
+    assert prepared.meta["rows"]["transfer"] == len(transfer) > 100
+    used = {normalize_text(t) for name in ("train", "validation", "test") for t in splits[name]["text"]}
+    assert not {normalize_text(t) for t in transfer["text"]} & used
+    without = prepare_splits(toy_raw(100), DataParams(max_train_samples=30, max_eval_samples=12), seed=0)
+    assert without.transfer is None and "transfer" not in without.meta["rows"]
+    pd.testing.assert_frame_equal(without.splits["train"], splits["train"])  # the splits are unchanged
+    assert without.content_hash != prepared.content_hash  # but the transfer texts are part of the data
+    capped = prepare_splits(toy_raw(100), params.model_copy(update={"transfer_samples": 40}), seed=0)
+    assert len(capped.transfer) == 40 and set(capped.transfer["text"]) <= set(transfer["text"])
+    loaded = load_prepared(write_prepared(prepared, tmp_path / "prepared"))
+    pd.testing.assert_frame_equal(loaded.transfer, transfer)
+    assert loaded.content_hash == prepared.content_hash
+    with pytest.raises(ValueError, match="transfer_samples"):
+        DataParams(transfer_samples=-1)
+
+
 def test_write_and_load_round_trip(tmp_path):
     prepared = prepare_splits(toy_raw(), DataParams(), seed=0)
     out = write_prepared(prepared, tmp_path / "prepared")

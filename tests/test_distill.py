@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
@@ -19,12 +20,13 @@ from bertshrink.distill import (
     hidden_mse_loss,
     init_student_from_teacher,
     kd_logits_loss,
+    labelled_cross_entropy,
     uniform_layer_map,
 )
 from bertshrink.modeling import load_tokenizer_and_classifier, read_model_meta
 from bertshrink.params import TeacherParams
 from bertshrink.training import fine_tune
-from conftest import build_tiny_bert
+from conftest import build_tiny_bert, toy_corpus
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,6 +73,17 @@ def test_kd_loss_gradient_step_moves_student_towards_teacher():
         stepped = student - 0.5 * student.grad
     assert kd_logits_loss(stepped, teacher, 2.0).item() < before.item()
     assert torch.argmax(stepped, dim=-1).tolist() == [0, 2]
+
+
+def test_cross_entropy_skips_unlabelled_rows():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [5.0, -5.0]], requires_grad=True)
+    labels = torch.tensor([0, -100, 1])
+    expected = F.cross_entropy(logits[[0, 2]], torch.tensor([0, 1]))
+    torch.testing.assert_close(labelled_cross_entropy(logits, labels), expected)
+    only_transfer = labelled_cross_entropy(logits, torch.full((3,), -100))
+    assert only_transfer.item() == 0.0
+    only_transfer.backward()  # a batch of transfer texts alone still backpropagates (zero gradient)
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
 def test_hidden_and_embedding_mse():
@@ -249,6 +262,32 @@ def test_distill_into_narrower_student_trains_projections_not_saved(tmp_path, tr
     texts = prepared.splits["train"]["text"]
     agree = (_predict(result.model_dir, texts) == _predict(trained_teacher, texts)).float().mean().item()
     assert agree >= 0.8, agree
+
+
+def test_distill_with_transfer_texts_trains_on_them(tmp_path, trained_teacher, prepared, monkeypatch):
+    from dataclasses import replace
+
+    import bertshrink.distill as distill_module
+
+    with pytest.raises(ValueError, match="data.transfer_samples"):
+        distill(trained_teacher, prepared, _quick(transfer=True, epochs=1), tmp_path / "s0", tmp_path / "w0")
+    extra = toy_corpus(20, seed=9)[["text"]]  # texts the labelled splits do not have
+    with_transfer = replace(prepared, transfer=extra)
+    seen = {}
+    original = distill_module.with_transfer_texts
+
+    def spy(train, *args):
+        seen["before"], seen["after"] = len(train), original(train, *args)
+        return seen["after"]
+
+    monkeypatch.setattr(distill_module, "with_transfer_texts", spy)
+    result = distill(trained_teacher, with_transfer, _quick(transfer=True, alpha_ce=0.0, alpha_kd=1.0, epochs=2),
+                     tmp_path / "student", tmp_path / "work")
+    train = seen["after"]
+    assert len(train) == seen["before"] + len(extra)
+    assert sorted(set(train["labels"][seen["before"]:])) == [-100]
+    assert math.isfinite(result.metrics["train_loss"])
+    assert read_model_meta(result.model_dir)["transfer_rows"] == len(extra)
 
 
 def test_two_stage_runs(tmp_path, trained_teacher, prepared):

@@ -236,6 +236,19 @@ def test_factorize_embeddings_shrinks_and_round_trips(tmp_path, tiny, tokenizer,
         prune.factorize_embeddings(model, rank=4)
 
 
+def test_prune_vocab_of_factorised_embeddings_keeps_corpus_logits(tmp_path, tiny, tokenizer, texts):
+    model, _ = prune.factorize_embeddings(tiny, rank=8)
+    inputs = encode(tokenizer, texts)
+    before = logits(model, inputs)
+    model, new_tok, report = prune.prune_vocab(model, tokenizer, texts, output_dir=tmp_path)
+    table = model.get_input_embeddings()
+    assert isinstance(table, structure.FactorizedEmbedding) and table.low.weight.shape == (report["vocab_after"], 8)
+    assert report["vocab_after"] < report["vocab_before"] and report["params_after"] < report["params_before"]
+    new_inputs = encode(new_tok, texts)
+    assert torch.equal(logits(model, new_inputs), before)
+    assert torch.equal(logits(structure.load_classifier(tmp_path), new_inputs), before)
+
+
 def test_factorize_embeddings_at_full_rank_is_exact(tiny, tokenizer, texts):
     inputs = encode(tokenizer, texts[:4])
     before = logits(tiny, inputs)

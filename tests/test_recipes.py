@@ -43,7 +43,6 @@ def test_default_params_have_no_recipes():
     ({"champion": ["prune_vocab"]}, "recipe name 'champion' is reserved"),
     ({"v2": ["prune_vocab"]}, "recipe name 'v2' is reserved"),
     ({"r1": ["prune_vocab", {"distill": {}}]}, "put prune_vocab after distill"),
-    ({"r1": ["factorize_embeddings", "prune_vocab"]}, "put prune_vocab before factorize_embeddings"),
     ({"r1": ["factorize_embeddings", "factorize_embeddings"]}, "factorised once"),
     ({"r1": [{"factorize_embeddings": {"rank": 0}}]}, "compress.recipes.r1.steps.0.factorize_embeddings.rank"),
 ])
@@ -129,6 +128,12 @@ def test_finetune_may_follow_vocabulary_pruning():
     with pytest.raises(ParamsError, match="put prune_vocab after distill"):
         recipes({"r1": ["prune_vocab", {"quant_noise": {"method": "distill"}}]})
     recipes({"r1": ["prune_vocab", {"quant_noise": {"method": "finetune"}}]})  # own tokenizer: fine
+
+
+def test_vocabulary_of_a_factorised_student_may_be_pruned_after_distillation():
+    # factorize first, let distillation repair it, prune the vocabulary last (no label-only step needed)
+    steps = recipes({"r1": ["factorize_embeddings", {"distill": {"transfer": True}}, "prune_vocab"]}).recipes["r1"].steps
+    assert [s.kind for s in steps] == ["factorize_embeddings", "distill", "prune_vocab"] and steps[1].transfer
 
 
 def test_default_params_include_the_standard_baseline_and_a_combined_recipe():
