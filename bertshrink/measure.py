@@ -156,7 +156,21 @@ def size_on_disk(model_dir: Path) -> dict:
 # --------------------------------------------------------------------------- runners
 
 
-class TorchClassifier:
+class _TextRunner:
+    """Texts -> logits / class ids in batches; subclasses give ``forward``, ``tokenizer``, ``num_labels``."""
+
+    def logits(self, texts: Sequence[str], batch_size: int, max_length: int) -> np.ndarray:
+        """Logits for raw texts, tokenized in batches of ``batch_size``."""
+        out = [self.forward(_encode(self, texts[i:i + batch_size], max_length))
+               for i in range(0, len(texts), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.num_labels), dtype=np.float32)
+
+    def predict(self, texts: Sequence[str], batch_size: int, max_length: int) -> np.ndarray:
+        """Predicted class ids."""
+        return self.logits(texts, batch_size, max_length).argmax(axis=-1)
+
+
+class TorchClassifier(_TextRunner):
     """Runs a ``save_pretrained`` folder with PyTorch on CPU, in eval and inference mode."""
 
     return_tensors = "pt"
@@ -179,21 +193,11 @@ class TorchClassifier:
         with torch.inference_mode():
             return self.model(**encoded).logits.float().numpy()
 
-    def logits(self, texts: Sequence[str], batch_size: int, max_length: int) -> np.ndarray:
-        """Logits for raw texts, tokenized in batches of ``batch_size``."""
-        out = [self.forward(_encode(self, texts[i:i + batch_size], max_length))
-               for i in range(0, len(texts), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.num_labels), dtype=np.float32)
-
-    def predict(self, texts: Sequence[str], batch_size: int, max_length: int) -> np.ndarray:
-        """Predicted class ids."""
-        return self.logits(texts, batch_size, max_length).argmax(axis=-1)
-
     def num_parameters(self) -> int:
         return count_parameters(self.model)
 
 
-class OnnxClassifier:
+class OnnxClassifier(_TextRunner):
     """Runs an exported folder (``model.onnx`` + tokenizer + config) with ONNX Runtime on CPU."""
 
     return_tensors = "np"
@@ -220,16 +224,6 @@ class OnnxClassifier:
         """Logits for already-tokenized inputs (only the graph's declared inputs, as int64)."""
         feed = {name: np.asarray(encoded[name], dtype=np.int64) for name in self.input_names}
         return self.session.run([self.output_name], feed)[0]
-
-    def logits(self, texts: Sequence[str], batch_size: int, max_length: int) -> np.ndarray:
-        """Logits for raw texts, tokenized in batches of ``batch_size``."""
-        out = [self.forward(_encode(self, texts[i:i + batch_size], max_length))
-               for i in range(0, len(texts), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.num_labels), dtype=np.float32)
-
-    def predict(self, texts: Sequence[str], batch_size: int, max_length: int) -> np.ndarray:
-        """Predicted class ids."""
-        return self.logits(texts, batch_size, max_length).argmax(axis=-1)
 
     def num_parameters(self) -> int:
         """Values in weight initializers (int8 ones included; scales and zero points skipped)."""
