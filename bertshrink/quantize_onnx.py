@@ -139,6 +139,21 @@ def _unnamed_nodes_named(path: Path) -> None:
         onnx.save(model, str(path))
 
 
+def _working_copy(source: Path, tmp: Path, keep_fp32_nodes: Sequence[str],
+                  keep_fp32_op_types: Sequence[str]) -> tuple[Path, list[str]]:
+    """Copy ``source`` into ``tmp`` with every node named; returns it and the node names kept fp32."""
+    work = tmp / "input.onnx"
+    shutil.copy2(source, work)
+    _unnamed_nodes_named(work)
+    return work, sorted(set(keep_fp32_nodes) | set(nodes_of_types(work, keep_fp32_op_types)))
+
+
+def _kept_fp32_entry(op_types, keep_fp32_op_types, keep_fp32_nodes, excluded) -> dict:
+    """What was quantized and what was kept fp32, for the ``quantization`` meta entry."""
+    return {"quantized_op_types": list(op_types), "keep_fp32_op_types": list(keep_fp32_op_types),
+            "keep_fp32_nodes": list(keep_fp32_nodes), "excluded_nodes_count": len(excluded)}
+
+
 # --------------------------------------------------------------------------- output folder
 
 
@@ -202,10 +217,7 @@ def quantize_dynamic_onnx(onnx_dir: Path, out_dir: Path, *, per_channel: bool = 
     op_types = [t for t in wanted if t not in set(keep_fp32_op_types)]
     tmp = new_sibling_dir(out_dir)
     try:
-        work = tmp / "input.onnx"
-        shutil.copy2(source, work)
-        _unnamed_nodes_named(work)
-        excluded = sorted(set(keep_fp32_nodes) | set(nodes_of_types(work, keep_fp32_op_types)))
+        work, excluded = _working_copy(source, tmp, keep_fp32_nodes, keep_fp32_op_types)
         target = tmp / ONNX_FILE
         try:
             with _quiet_ort_quantizer():
@@ -228,10 +240,7 @@ def quantize_dynamic_onnx(onnx_dir: Path, out_dir: Path, *, per_channel: bool = 
             "mode": "dynamic",
             "weight_type": "int8",
             "per_channel": bool(per_channel),
-            "quantized_op_types": op_types,
-            "keep_fp32_op_types": list(keep_fp32_op_types),
-            "keep_fp32_nodes": list(keep_fp32_nodes),
-            "excluded_nodes_count": len(excluded),
+            **_kept_fp32_entry(op_types, keep_fp32_op_types, keep_fp32_nodes, excluded),
             **_sizes(source, target),
             "seconds": round(time.perf_counter() - start, 2),
         }
@@ -355,10 +364,7 @@ def quantize_static_onnx(onnx_dir: Path, out_dir: Path, calibration_texts: Seque
     op_types = _static_op_types(include_embeddings, keep_fp32_op_types)
     tmp = new_sibling_dir(out_dir)
     try:
-        work = tmp / "input.onnx"
-        shutil.copy2(source, work)
-        _unnamed_nodes_named(work)
-        excluded = sorted(set(keep_fp32_nodes) | set(nodes_of_types(work, keep_fp32_op_types)))
+        work, excluded = _working_copy(source, tmp, keep_fp32_nodes, keep_fp32_op_types)
         reader = _calibration_reader(onnx_dir, work, list(calibration_texts), max_length, batch_size,
                                      uniform=method in HISTOGRAM_METHODS)
         target = tmp / ONNX_FILE
@@ -396,10 +402,7 @@ def quantize_static_onnx(onnx_dir: Path, out_dir: Path, calibration_texts: Seque
             "format": quant_format,
             "activation_type": "uint8",
             "weight_type": "int8",
-            "quantized_op_types": op_types,
-            "keep_fp32_op_types": list(keep_fp32_op_types),
-            "keep_fp32_nodes": list(keep_fp32_nodes),
-            "excluded_nodes_count": len(excluded),
+            **_kept_fp32_entry(op_types, keep_fp32_op_types, keep_fp32_nodes, excluded),
             "calibration_batches": len(reader),
             **_sizes(source, target),
             "seconds": round(time.perf_counter() - start, 2),
