@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test repro sst2 quant-noise mlflow-ui clean
+.PHONY: install run test repro bench sst2 quant-noise serve-check mlflow-ui clean
 
 install: $(STAMP)
 
@@ -21,8 +21,14 @@ run: install          ## the whole pipeline on params.yaml (MLflow parent run + 
 test: install         ## the test suite (offline, ~minutes on 2 cores)
 	$(PY) -m pytest -q
 
-sst2: install         ## the same pipeline on GLUE SST-2 from ../shared/datasets/sst2 (configs/sst2.yaml)
-	$(PY) -m flows.pipeline --params configs/sst2.yaml
+bench: install        ## SST-2 benchmark (../shared/datasets/sst2, configs/sst2.yaml, ~70 min on 2 cores) -> BENCHMARKS.md
+	$(PY) -m flows.pipeline --params configs/sst2.yaml; status=$$?; \
+	$(PY) benchmarks/sst2.py --params configs/sst2.yaml && exit $$status   # a failed recipe still gets its write-up
+
+sst2: bench           ## (old name of bench)
+
+serve-check: install  ## load models:/<name>@champion through MLflow and classify test texts
+	$(PY) -m flows.serve_check
 
 quant-noise: install  ## Quant-Noise vs plain PTQ on the teacher of `make run` -> reports/quant_noise.md
 	$(PY) benchmarks/quant_noise.py

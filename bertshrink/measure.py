@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 # Weight files a user ships; ``*.onnx.data`` / ``*.onnx_data`` hold external ONNX tensors.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx.data", ".onnx_data")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx.data", ".onnx_data", ".joblib")
 CONFIG_FILES = frozenset({CONFIG_FILE, "generation_config.json", "model.safetensors.index.json",
                           "pytorch_model.bin.index.json"})
 TOKENIZER_FILES = frozenset({
@@ -63,7 +63,7 @@ CPU_FLAGS = {
     "arm_dotprod": ("asimddp", "dotprod"),
 }
 # Subtrees of evaluate_model's result that are descriptions, not metrics.
-NON_METRIC_KEYS = ("machine", "size.files", "model_dir")
+NON_METRIC_KEYS = ("machine", "size.files", "model_dir", "predictions")
 
 
 # --------------------------------------------------------------------------- machine
@@ -236,6 +236,30 @@ class OnnxClassifier(_TextRunner):
                    if len(t.dims) >= 2 and int(np.prod(t.dims)) >= 64)
 
 
+class SklearnClassifier(_TextRunner):
+    """Runs the floor (``model.joblib``: TF-IDF + logistic regression); featurisation is inside ``forward``."""
+
+    return_tensors = "np"
+
+    def __init__(self, model_dir: Path):
+        from bertshrink.floor import PassThroughTokenizer, load_floor
+
+        self.model_dir = Path(model_dir)
+        self.pipeline = load_floor(self.model_dir)
+        self.tokenizer = PassThroughTokenizer()
+        self.num_labels = len(self.pipeline.classes_)
+        self.max_length_limit = self.tokenizer.model_max_length
+
+    def forward(self, encoded: Mapping[str, Any]) -> np.ndarray:
+        """Log-probabilities per class (same argmax as logits), from raw texts."""
+        return self.pipeline.predict_log_proba(encoded["texts"])
+
+    def num_parameters(self) -> int:
+        from bertshrink.floor import floor_parameters
+
+        return floor_parameters(self.pipeline)
+
+
 def _max_length_limit(tokenizer, config) -> int:
     # Tokenizers saved without model_max_length report ~1e30; the position table is the limit.
     limits = [x for x in (getattr(config, "max_position_embeddings", None),
@@ -267,11 +291,13 @@ def load_runner(model_dir: Path, params: EvaluateParams):
     # Checked before torch weights, since an export folder may also keep them.
     if "model.onnx" in names:
         return OnnxClassifier(model_dir, params.threads)
+    if "model.joblib" in names:
+        return SklearnClassifier(model_dir)
     if names & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json"}:
         return TorchClassifier(model_dir)
     raise ModelSourceError(
-        f"Don't know how to run {model_dir}: expected model.onnx, model.safetensors or pytorch_model.bin "
+        f"Don't know how to run {model_dir}: expected model.onnx, model.joblib, model.safetensors or pytorch_model.bin "
         f"next to {CONFIG_FILE}, found {sorted(names)}."
     )
 
@@ -468,13 +494,13 @@ def evaluate_model(model_dir: Path, splits: dict[str, pd.DataFrame], params: Eva
         log.warning("max_length %d exceeds what %s supports; using %d", params.max_length,
                     model_dir, runner.max_length_limit)
         params = params.model_copy(update={"max_length": runner.max_length_limit})
-    metrics = {}
+    metrics, predictions = {}, {}
     with fixed_threads(params.threads):
         for name in eval_splits:
             df = splits[name]
-            preds = runner.predict(df["text"].astype(str).tolist(), params.eval_batch_size,
-                                   params.max_length)
-            metrics[name] = classification_metrics(df["label"].to_numpy(), preds,
+            predictions[name] = runner.predict(df["text"].astype(str).tolist(), params.eval_batch_size,
+                                               params.max_length)
+            metrics[name] = classification_metrics(df["label"].to_numpy(), predictions[name],
                                                    runner.num_labels)
     texts = latency_texts(splits, eval_splits)
     latency = {f"batch_{b}": measure_latency(runner, runner.tokenizer, texts, b, params, seed)
@@ -483,6 +509,8 @@ def evaluate_model(model_dir: Path, splits: dict[str, pd.DataFrame], params: Eva
     return {
         "model_dir": str(model_dir),
         "metrics": metrics,
+        # Class ids per split, in split order: agreement with the teacher is computed from these.
+        "predictions": {name: [int(x) for x in p] for name, p in predictions.items()},
         "parameters": runner.num_parameters(),
         "size": size_on_disk(model_dir),
         "latency": latency,
@@ -521,3 +549,9 @@ def flat_metrics(result: Mapping[str, Any], skip: Sequence[str] = NON_METRIC_KEY
     for key, value in result.items():
         walk(value, "" if key == "metrics" else key)
     return flat
+
+
+def cpu_features(machine: Mapping[str, Any]) -> str:
+    """The CPU features int8 speed depends on (onnxruntime #6695), as 'avx2 yes, avx512_vnni yes, amx_int8 no'."""
+    flags = machine.get("cpu_flags", {})
+    return ", ".join(f"{name} {'yes' if flags.get(name) else 'no'}" for name in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8"))

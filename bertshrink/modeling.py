@@ -112,3 +112,12 @@ def read_model_meta(model_dir: Path) -> dict[str, Any]:
             "(`python -m flows.teacher` or `dvc repro teacher`)."
         )
     return json.loads(path.read_text())
+
+
+def model_format(model_dir: Path) -> str:
+    """``pytorch``, ``onnx``, ``sklearn``, with the quantization mode where there is one (``onnx static``)."""
+    path = Path(model_dir) / MODEL_META_FILE
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    mode = (meta.get("quantization") or {}).get("mode")
+    kind = meta.get("format", "pytorch")
+    return f"{kind} {mode}" if mode else kind

@@ -128,6 +128,9 @@ class EvaluateParams(_Section):
     timed_iterations: int = Field(20, ge=1, le=100_000)
     max_length: int = Field(128, ge=8, le=4096)
     eval_batch_size: int = Field(64, ge=1, le=4096)
+    # Repeat each recipe with this many seeds (base.seed, +1, ...) and report accuracy mean and spread;
+    # 1 = no repeats. Costs (seeds - 1) extra compressions per recipe.
+    seeds: int = Field(1, ge=1, le=20)
 
     @model_validator(mode="after")
     def _batch_sizes_positive(self) -> "EvaluateParams":
@@ -142,6 +145,33 @@ class RegistryParams(_Section):
     experiment: str = Field("bertshrink", min_length=1)
     model_name: str = Field("bertshrink-classifier", min_length=1)
     teacher_alias: str = Field("teacher", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    # Promotion rule (bertshrink.promotion): constraints every eligible model meets (null = no limit) ...
+    min_retention: float | None = Field(0.98, ge=0.0, le=2.0)   # of the teacher's test accuracy
+    min_agreement: float | None = Field(0.95, ge=0.0, le=1.0)   # share of test predictions equal to the teacher's
+    max_p95_ms: float | None = Field(None, gt=0.0)              # batch-1 p95 latency
+    max_size_mb: float | None = Field(None, gt=0.0)             # size on disk, MB (1e6 bytes)
+    # ... and what to optimise among them.
+    objective: Literal["fastest", "smallest", "most_accurate"] = "fastest"
+    # Move `champion` too (not only `challenger`) when the challenger beats the champion by promote_margin.
+    auto_promote: bool = False
+    promote_margin: float = Field(0.05, ge=0.0, lt=1.0)         # relative: 0.05 = 5% faster / smaller / more accurate
+
+
+class FloorParams(_Section):
+    """The ``floor`` section: the classical baseline's features and the regularisation grid."""
+
+    enabled: bool = True
+    max_features: int = Field(100_000, ge=100)
+    ngram_max: int = Field(2, ge=1, le=3)        # word n-grams 1..ngram_max
+    min_df: int = Field(1, ge=1)
+    # Inverse regularisation strengths tried; the best on the validation split is kept.
+    c_values: tuple[float, ...] = Field((0.5, 2.0, 8.0, 32.0), min_length=1)
+
+    @model_validator(mode="after")
+    def _c_values_positive(self) -> "FloorParams":
+        if any(c <= 0 for c in self.c_values):
+            raise ValueError(f"c_values must all be > 0 (got {list(self.c_values)})")
+        return self
 
 
 class Params(_Section):
@@ -154,6 +184,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
     compress: CompressParams = CompressParams()  # recipes; run by the compress stage (issue 3)
+    floor: FloorParams = FloorParams()           # the TF-IDF + logistic regression baseline
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

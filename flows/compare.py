@@ -16,15 +16,17 @@ from bertshrink.params import Params
 from flows._cli import run_stage
 from tasks.compress import candidate_dir
 from tasks.evaluate import compare_latency_task
+from tasks.floor import floor_dir
 from tasks.tracking import stage_run
 
 
 def models_to_compare(params: Params) -> list[str]:
-    """The teacher, then each recipe's candidate that exists on disk."""
+    """The teacher, the floor (if trained), then each recipe's candidate that exists on disk."""
     if not (params.base.teacher_dir / "config.json").is_file():
         raise MissingArtifactError(f"{params.base.teacher_dir} has no model: train the teacher first "
                                    "(`python -m flows.teacher` or `dvc repro teacher`).")
-    candidates = [candidate_dir(params.base, name) for name in params.compress.recipes]
+    floor = [floor_dir(params.base)] if params.floor.enabled else []
+    candidates = floor + [candidate_dir(params.base, name) for name in params.compress.recipes]
     return [str(params.base.teacher_dir), *(str(d) for d in candidates if (d / "config.json").is_file())]
 
 

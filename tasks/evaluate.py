@@ -3,29 +3,87 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from bertshrink.data import load_prepared
+from bertshrink.behaviour import behaviour_report, disagreement_table
+from bertshrink.data import PreparedData, load_prepared
 from bertshrink.measure import (compare_latency, evaluate_model, flat_metrics, latency_texts, machine_info,
                                 size_on_disk)
+from bertshrink.modeling import model_format, read_model_meta
 from bertshrink.params import BaseParams, EvaluateParams
+from bertshrink.recipes import Recipe
 from tasks.tracking import log_artifact, log_metrics, log_params, set_tags
+
+TEACHER = "teacher"
 
 
 def metrics_path(base: BaseParams, model_name: str) -> Path:
     return Path(base.metrics_dir) / f"{model_name}.json"
 
 
+def predictions_path(base: BaseParams, model_name: str) -> Path:
+    """Test (and validation) class ids of one model, in split order: what agreement is computed from."""
+    return Path(base.reports_dir) / "predictions" / f"{model_name}.json"
+
+
+def disagreements_path(base: BaseParams, model_name: str) -> Path:
+    return Path(base.reports_dir) / "disagreements" / f"{model_name}.csv"
+
+
+def teacher_reference(base: BaseParams, model_name: str, own: dict) -> tuple[list[int] | None, float | None]:
+    """The teacher's test predictions and accuracy (its own for the teacher); None if it was not evaluated."""
+    if model_name == TEACHER:
+        return own["predictions"]["test"], own["metrics"]["test"]["accuracy"]
+    files = predictions_path(base, TEACHER), metrics_path(base, TEACHER)
+    if not all(f.is_file() for f in files):
+        print(f"bertshrink: note: {files[0]} missing: evaluate the teacher first for agreement and retention "
+              "(`python -m flows.evaluate`).", file=sys.stderr)
+        return None, None
+    predictions, metrics = (json.loads(f.read_text()) for f in files)
+    return predictions["test"], metrics["metrics"]["test"]["accuracy"]
+
+
+def add_behaviour(result: dict, prepared: PreparedData, base: BaseParams, model_name: str) -> tuple[dict, Path | None]:
+    """Agreement, retention, per-class and per-length accuracy into ``result``; the disagreements as CSV."""
+    test = prepared.splits["test"]
+    texts, labels = test["text"].astype(str).tolist(), test["label"].to_numpy()
+    teacher_predictions, teacher_accuracy = teacher_reference(base, model_name, result)
+    ours = result["predictions"]["test"]
+    result["behaviour"] = behaviour_report(texts, labels, ours, prepared.label_names, teacher_predictions,
+                                           teacher_accuracy)
+    if teacher_predictions is None or model_name == TEACHER:
+        return result, None
+    table = disagreement_table(texts, labels, ours, teacher_predictions, prepared.label_names)
+    out = disagreements_path(base, model_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    return result, out
+
+
 @task(name="evaluate-model", cache_policy=NO_CACHE)
-def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, base: BaseParams, run_id: str) -> dict:
-    """Accuracy, size, latency and memory of one model folder -> ``metrics/<model>.json`` + MLflow."""
+def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, base: BaseParams, run_id: str,
+                        recipe: Recipe | None = None) -> dict:
+    """Accuracy, behaviour next to the teacher, size, latency and memory of one model folder.
+
+    Writes ``metrics/<model>.json`` (+ MLflow), the predictions and the disagreements with the
+    teacher. With ``evaluate.seeds > 1`` and a ``recipe``, the recipe is rebuilt with the other
+    seeds and the accuracy's mean and spread are added under ``seeds``.
+    """
     prepared = load_prepared(base.prepared_dir)
     model_name = Path(model_dir).name
     result = evaluate_model(Path(model_dir), prepared.splits, evaluate, seed=base.seed)
-    result.update({"model": model_name, "evaluation_run_id": run_id, "data_content_hash": prepared.content_hash})
+    result.update({"model": model_name, "evaluation_run_id": run_id, "data_content_hash": prepared.content_hash,
+                   "format": model_format(Path(model_dir))})
+    result, disagreements = add_behaviour(result, prepared, base, model_name)
+    if recipe is not None and evaluate.seeds > 1:
+        result["seeds"] = seed_spread(model_name, recipe, result, prepared, evaluate, base)
+    predictions = predictions_path(base, model_name)
+    predictions.parent.mkdir(parents=True, exist_ok=True)
+    predictions.write_text(json.dumps(result.pop("predictions")))
     out = metrics_path(base, model_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
@@ -34,7 +92,24 @@ def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, base: BasePara
     set_tags(run_id, {"model": model_name, "data.content_hash": prepared.content_hash,
                       **{f"machine.{k}": v for k, v in result.get("machine", {}).items()}})
     log_artifact(run_id, out)
+    if disagreements is not None:
+        log_artifact(run_id, disagreements, "disagreements")
     return result
+
+
+def seed_spread(model_name: str, recipe: Recipe, result: dict, prepared: PreparedData, evaluate: EvaluateParams,
+                base: BaseParams) -> dict:
+    """The recipe rebuilt with ``evaluate.seeds - 1`` more seeds; mean and spread of its test scores."""
+    from bertshrink.repeats import repeat_over_seeds
+
+    test = result["metrics"]["test"]
+    first = {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
+             "agreement": result.get("behaviour", {}).get("agreement")}
+    teacher_predictions, _ = teacher_reference(base, model_name, result)
+    max_length = int(read_model_meta(base.teacher_dir).get("max_length", evaluate.max_length))
+    return repeat_over_seeds(model_name, recipe, base.teacher_dir, prepared,
+                             Path(base.checkpoints_dir) / "seeds" / model_name, first, base.seed, evaluate.seeds,
+                             max_length, evaluate, teacher_predictions)
 
 
 def comparison_path(base: BaseParams) -> Path:

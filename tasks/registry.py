@@ -22,7 +22,8 @@ from bertshrink.structure import is_restructured
 from tasks.tracking import git_commit, log_metrics
 
 SUMMARY_METRICS = ("test.accuracy", "test.macro_f1", "validation.accuracy", "size.total_bytes",
-                   "parameters", "latency.batch_1.p50_ms", "latency.batch_1.p95_ms")
+                   "parameters", "latency.batch_1.p50_ms", "latency.batch_1.p95_ms",
+                   "behaviour.retention", "behaviour.agreement")  # the promotion rule reads these tags
 
 
 SERVING_PACKAGES = ("transformers", "torch", "tokenizers", "safetensors", "accelerate")

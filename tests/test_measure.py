@@ -121,13 +121,16 @@ def test_sample_sequence_lengths_seeded_and_truncated(tiny_model, splits):
 def test_evaluate_model_and_flat_metrics(tiny_model, splits):
     result = measure.evaluate_model(tiny_model, splits, FAST, seed=0)
 
-    assert set(result) == {"model_dir", "metrics", "parameters", "size", "latency",
+    assert set(result) == {"model_dir", "metrics", "predictions", "parameters", "size", "latency",
                            "peak_memory_mb", "peak_memory_scope", "memory_baseline_mb",
                            "peak_memory_increase_mb", "machine", "eval_seconds"}
     assert set(result["metrics"]) == {"validation", "test"}
     for name, df in (("validation", splits["validation"]), ("test", splits["test"])):
         assert 0.0 <= result["metrics"][name]["accuracy"] <= 1.0
         assert result["metrics"][name]["n"] == len(df)
+        # the predictions are the ones scored: they reproduce the accuracy
+        hits = sum(int(p == y) for p, y in zip(result["predictions"][name], df["label"]))
+        assert hits / len(df) == pytest.approx(result["metrics"][name]["accuracy"])
     assert set(result["latency"]) == {"batch_1", "batch_4"}
     assert result["peak_memory_mb"] > 0
 
@@ -136,7 +139,7 @@ def test_evaluate_model_and_flat_metrics(tiny_model, splits):
                 "latency.batch_4.throughput_eps", "size.total_bytes", "parameters",
                 "peak_memory_mb", "eval_seconds"):
         assert isinstance(flat[key], float), key
-    assert not any(k.startswith(("machine", "size.files", "metrics")) for k in flat)
+    assert not any(k.startswith(("machine", "size.files", "metrics", "predictions")) for k in flat)
 
 
 def test_evaluate_model_missing_folder(tmp_path, splits):

@@ -82,14 +82,45 @@ def test_pipeline_end_to_end(workdir, tiny_bert, toy_csv, prefect_server):
     # one parent run per execution, a nested run per stage
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == out["parent_run_id"]]
-    assert {r.data.tags["bertshrink.stage"] for r in children} == {"prepare", "validate", "teacher", "evaluate", "register"}
+    assert {r.data.tags["bertshrink.stage"] for r in children} == {
+        "prepare", "validate", "teacher", "evaluate", "register", "floor", "compare", "promote", "report"}
 
     # the registered artifact serves: load it through the alias and classify
     model = mlflow.pyfunc.load_model("models:/tiny-teacher@teacher")
     predictions = model.predict(["goal match team coach league"])
     assert len(predictions) == 1
 
-    assert (workdir / "reports/pipeline_summary.md").read_text().count("| teacher |") == 1
+    # the floor: trained on the same split, measured by the same code, with its agreement with the teacher
+    floor = json.loads((workdir / "metrics/floor.json").read_text())
+    assert floor["format"] == "sklearn" and floor["size"]["total_bytes"] > 0 and floor["parameters"] > 0
+    assert floor["latency"]["batch_1"]["p50_ms"] > 0 and 0.0 <= floor["behaviour"]["agreement"] <= 1.0
+    assert metrics["behaviour"]["agreement"] == 1.0 and metrics["behaviour"]["retention"] == 1.0
+    assert set(metrics["behaviour"]["by_class"]) == {"film", "money", "sport"}
+    assert sum(b["n"] for b in metrics["behaviour"]["by_length"].values()) == metrics["metrics"]["test"]["n"]
+
+    # report: table, plots and plot data, attached to the parent run
+    report = workdir / "reports/report"
+    for name in ("report.md", "accuracy_vs_latency.png", "accuracy_vs_size.png", "accuracy_vs_params.png", "models.csv"):
+        assert (report / name).is_file() and (report / name).stat().st_size > 0, name
+    assert (report / "report.md").read_text().count("| teacher | teacher |") == 1
+    assert f"| v{version.version} @challenger |" in (report / "report.md").read_text()
+    assert "| floor | floor | sklearn |" in (report / "report.md").read_text()
+    artifacts = {a.path for a in client.list_artifacts(out["parent_run_id"], "report")}
+    assert "report/accuracy_vs_latency.png" in artifacts and "report/report.md" in artifacts
+
+    # promotion: only the teacher is registered, so it is the challenger; auto_promote is off by default
+    promotion = json.loads((workdir / "reports/promotion.json").read_text())
+    assert promotion["challenger"]["name"] == "teacher" and promotion["champion_moved"] is False
+    assert client.get_model_version_by_alias("tiny-teacher", "challenger").version == version.version
+    with pytest.raises(Exception):
+        client.get_model_version_by_alias("tiny-teacher", "champion")
+
+    # the serve check loads the alias through MLflow and predicts what the evaluation predicted
+    from bertshrink.params import load_params
+    from flows.serve_check import serve_check_flow
+
+    served = serve_check_flow(load_params(params_file), alias="challenger", rows=4)
+    assert served["served"] == served["expected"]
 
 
 def test_bad_data_stops_before_training(workdir, tiny_bert, prefect_server):
@@ -126,7 +157,9 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
         "broken": [{"prune_ffn": {"ratio": 0.5}}],
         "onnx-int8": [{"export_onnx": {"parity_rows": 16}}, {"quantize": {"mode": "dynamic"}}],
     }, "baseline": "onnx-int8"}
-    params_file = write_params(workdir, toy_csv, tiny_bert, compress=recipes)
+    rule = {"min_retention": 0.9, "min_agreement": 0.8, "objective": "fastest", "auto_promote": True,
+            "promote_margin": 0.0}
+    params_file = write_params(workdir, toy_csv, tiny_bert, compress=recipes, registry=rule)
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated step failure")
@@ -151,7 +184,7 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
     assert metrics["parameters"] < teacher_metrics["parameters"]
     assert metrics["metrics"]["test"]["accuracy"] >= 0.6
     comparison = json.loads((workdir / "metrics/comparison.json").read_text())
-    assert list(comparison["models"]) == ["teacher", "drop-distill", "heads", "onnx-int8"]
+    assert list(comparison["models"]) == ["teacher", "floor", "drop-distill", "heads", "onnx-int8"]
     assert comparison["reference"] == "teacher" and comparison["baseline"] == "onnx-int8"
     assert comparison["models"]["teacher"]["speedup_vs_teacher"]["batch_1"] == 1.0
     # every model has ratios to the fp32 teacher and to the standard recipe, from this one run
@@ -168,8 +201,8 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
     assert onnx_metrics["metrics"]["test"]["accuracy"] >= teacher_metrics["metrics"]["test"]["accuracy"] - 0.1
     assert "avx512_vnni" in onnx_metrics["machine"]["cpu_flags"]
     markdown = (workdir / "reports/pipeline_summary.md").read_text()
-    assert "interleaved comparison" in markdown and "| onnx-int8 | onnx dynamic |" in markdown
-    assert "b1 vs base" in markdown and "avx512_vnni" in markdown
+    assert "interleaved comparison" in markdown and "| onnx-int8 | baseline | onnx dynamic |" in markdown
+    assert "b1 faster vs teacher / base" in markdown and "avx512_vnni" in markdown
     assert "| drop-distill |" in markdown and "| heads |" in markdown and "**failed** `broken`" in markdown
 
     # tracked: one run per recipe, with the teacher's lineage and per-step parameter counts
@@ -196,6 +229,44 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
     assert onnx_version.tags["flavor"] == "onnx" and json.loads(onnx_version.tags["quantization"])["mode"] == "dynamic"
     graph = mlflow.onnx.load_model("models:/tiny-teacher@onnx-int8")
     assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for node in graph.graph.node)
+
+    # the challenger is the rule's choice, worked out here from the files: registered, within the
+    # constraints, fastest at batch 1 in the interleaved comparison
+    def eligible(name):
+        record = json.loads((workdir / f"reports/registry/{name}.json").read_text())
+        behaviour = json.loads((workdir / f"metrics/{name}.json").read_text())["behaviour"]
+        return record.get("registered", True) and behaviour["retention"] >= 0.9 and behaviour["agreement"] >= 0.8
+
+    names = [n for n in ("teacher", "drop-distill", "heads", "onnx-int8") if eligible(n)]
+    expected = min(names, key=lambda n: comparison["models"][n]["latency"]["batch_1"]["p50_ms"])
+    challenger = client.get_model_version_by_alias("tiny-teacher", "challenger")
+    assert (challenger.tags.get("recipe") or challenger.tags["kind"]) == expected
+    assert "fastest of" in challenger.tags["promotion.challenger.reason"]
+    promotion = json.loads((workdir / "reports/promotion.json").read_text())
+    assert promotion["rejected"]["broken"] == "status failed"
+    # auto_promote with no champion yet: the challenger became champion too
+    assert client.get_model_version_by_alias("tiny-teacher", "champion").version == challenger.version
+
+    # a person moves champion (as in the MLflow UI); the pipeline's promote stage leaves it there
+    from bertshrink.params import load_params
+    from flows.promote import promote_by_hand, promote_flow
+
+    teacher_version = client.get_model_version_by_alias("tiny-teacher", "teacher").version
+    client.set_registered_model_alias("tiny-teacher", "champion", teacher_version)
+    params = load_params(params_file)
+    again = promote_flow(params)
+    assert again["champion_moved"] is False and "set by hand" in again["champion_reason"]
+    assert client.get_model_version_by_alias("tiny-teacher", "champion").version == teacher_version
+    # by hand through the CLI's code path: the challenger passes the rule, so it is promoted and recorded
+    promote_by_hand(params, None, "challenger", force=False, reason=None)
+    champion = client.get_model_version_by_alias("tiny-teacher", "champion")
+    assert champion.version == challenger.version and champion.tags["promotion.champion.set_by"] == "hand"
+
+    # an ONNX version serves through MLflow too
+    from flows.serve_check import serve_check_flow
+
+    served = serve_check_flow(params, alias="onnx-int8", rows=6)
+    assert sum(a == b for a, b in zip(served["served"], served["expected"])) >= 5
 
     # the stage flow alone (python -m flows.compress --recipe broken) ends in the same error
     from bertshrink.params import load_params

@@ -1,0 +1,127 @@
+"""Beyond accuracy: how a candidate behaves next to its teacher.
+
+Agreement (fidelity) with the teacher's predictions, accuracy per class and per input-length
+bucket, the examples where the two disagree, and the spread of a recipe's accuracy over seeds.
+Pure functions on label / prediction arrays; no tracking code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+LENGTH_BUCKETS = 3  # short / medium / long, by word count quantiles of the evaluated split
+
+
+def agreement(predictions: Sequence[int], teacher_predictions: Sequence[int]) -> float:
+    """Share of examples on which the candidate predicts what the teacher predicts."""
+    ours, theirs = np.asarray(predictions, dtype=int), np.asarray(teacher_predictions, dtype=int)
+    if ours.shape != theirs.shape:
+        raise ValueError(f"{len(ours)} predictions but {len(theirs)} teacher predictions: "
+                         "were they made on the same split? Re-evaluate the teacher.")
+    return float(np.mean(ours == theirs)) if len(ours) else float("nan")
+
+
+def metric_key(name: str) -> str:
+    """A class or bucket name as an MLflow-safe metric key part (letters, digits, _ - .)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_") or "unnamed"
+
+
+def accuracy_by_class(labels: Sequence[int], predictions: Sequence[int], label_names: Sequence[str]) -> dict:
+    """Per true class: accuracy (the class's recall) and its number of examples."""
+    y, p = np.asarray(labels, dtype=int), np.asarray(predictions, dtype=int)
+    out = {}
+    for index, name in enumerate(label_names):
+        mask = y == index
+        out[metric_key(name)] = {"accuracy": float(np.mean(p[mask] == index)) if mask.any() else float("nan"),
+                                 "n": int(mask.sum())}
+    return out
+
+
+def word_counts(texts: Sequence[str]) -> np.ndarray:
+    """Whitespace words per text: a tokenizer-independent length, the same for every candidate."""
+    return np.array([len(str(t).split()) for t in texts], dtype=int)
+
+
+def length_bucket_edges(texts: Sequence[str], buckets: int = LENGTH_BUCKETS) -> list[int]:
+    """Upper word-count bounds of all buckets but the last (quantiles of ``texts``, deduplicated)."""
+    counts = word_counts(texts)
+    if len(counts) == 0:
+        return []
+    quantiles = np.quantile(counts, [i / buckets for i in range(1, buckets)])
+    return sorted({int(q) for q in quantiles})
+
+
+def bucket_names(edges: Sequence[int]) -> list[str]:
+    """MLflow-safe names, e.g. ``words_1-12``, ``words_13-24``, ``words_25-up``."""
+    names, low = [], 1
+    for high in edges:
+        names.append(f"words_{low}-{high}")
+        low = high + 1
+    names.append(f"words_{low}-up")
+    return names
+
+
+def accuracy_by_length(texts: Sequence[str], labels: Sequence[int], predictions: Sequence[int],
+                       edges: Sequence[int]) -> dict:
+    """Accuracy and count per word-count bucket (bounds from ``length_bucket_edges``)."""
+    counts = word_counts(texts)
+    y, p = np.asarray(labels, dtype=int), np.asarray(predictions, dtype=int)
+    bucket = np.searchsorted(np.asarray(edges), counts, side="left")  # count <= edge -> that bucket
+    out = {}
+    for index, name in enumerate(bucket_names(edges)):
+        mask = bucket == index
+        out[name] = {"accuracy": float(np.mean(p[mask] == y[mask])) if mask.any() else float("nan"),
+                     "n": int(mask.sum())}
+    return out
+
+
+def disagreement_table(texts: Sequence[str], labels: Sequence[int], predictions: Sequence[int],
+                       teacher_predictions: Sequence[int], label_names: Sequence[str],
+                       limit: int | None = None) -> pd.DataFrame:
+    """The examples where candidate and teacher disagree: text, true label, both predictions, who was right."""
+    y, p, t = (np.asarray(a, dtype=int) for a in (labels, predictions, teacher_predictions))
+    rows = np.flatnonzero(p != t)
+    if limit is not None:
+        rows = rows[:limit]
+
+    def name(i: int) -> str:
+        return label_names[i] if 0 <= i < len(label_names) else str(i)
+
+    return pd.DataFrame({
+        "row": rows,
+        "text": [str(texts[i]) for i in rows],
+        "label": [name(y[i]) for i in rows],
+        "teacher": [name(t[i]) for i in rows],
+        "candidate": [name(p[i]) for i in rows],
+        "right": ["candidate" if p[i] == y[i] else "teacher" if t[i] == y[i] else "neither" for i in rows],
+    })
+
+
+def behaviour_report(texts: Sequence[str], labels: Sequence[int], predictions: Sequence[int],
+                     label_names: Sequence[str], teacher_predictions: Sequence[int] | None = None,
+                     teacher_accuracy: float | None = None) -> dict:
+    """Per-class and per-length accuracy; agreement and retention when the teacher's figures are given."""
+    report = {
+        "by_class": accuracy_by_class(labels, predictions, label_names),
+        "by_length": accuracy_by_length(texts, labels, predictions, length_bucket_edges(texts)),
+    }
+    if teacher_predictions is not None:
+        report["agreement"] = agreement(predictions, teacher_predictions)
+        report["disagreements"] = int(np.sum(np.asarray(predictions) != np.asarray(teacher_predictions)))
+    if teacher_accuracy:
+        accuracy = float(np.mean(np.asarray(predictions, dtype=int) == np.asarray(labels, dtype=int)))
+        report["retention"] = accuracy / teacher_accuracy
+    return report
+
+
+def spread(values: Sequence[float]) -> dict:
+    """Mean, sample standard deviation, min, max and n of a metric over seeds (std 0 for one value)."""
+    array = np.asarray([v for v in values if v is not None], dtype=float)
+    if array.size == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if array.size > 1 else 0.0,
+            "min": float(array.min()), "max": float(array.max()), "n": int(array.size)}

@@ -1,0 +1,22 @@
+"""Stage flow: the classical floor, TF-IDF + logistic regression on the same split (``python -m flows.floor``).
+
+Evaluated like the teacher (``python -m flows.evaluate --model-dir models/floor``), it shows whether
+a compressed transformer is worth it at all on this data.
+"""
+
+from prefect import flow
+
+from bertshrink.params import Params
+from flows._cli import run_stage
+from tasks.floor import train_floor_task
+from tasks.tracking import stage_run
+
+
+@flow(name="floor")
+def floor_flow(params: Params, parent_run_id: str | None = None) -> dict:
+    with stage_run("floor", params.registry, parent_run_id) as run_id:
+        return train_floor_task(params.floor, params.base, run_id)
+
+
+if __name__ == "__main__":
+    run_stage(floor_flow, __doc__)

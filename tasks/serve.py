@@ -1,0 +1,49 @@
+"""Load a registered model through MLflow, as a server would, and classify texts with it.
+
+Transformers and pyfunc versions take texts directly. ONNX versions (MLflow's onnx flavour) take
+tensors: the tokenizer and label names registered beside the graph (``extra_files/``) turn the
+texts into them and the logits back into labels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+
+def download(model_uri: str) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(model_uri))
+
+
+def is_onnx(local: Path) -> bool:
+    return (local / "model.onnx").is_file() and (local / "extra_files").is_dir()
+
+
+def classify_onnx(model, local: Path, texts: list[str], max_length: int) -> list[str]:
+    """Tokenize with the registered tokenizer, run MLflow's onnx pyfunc, map argmax to label names."""
+    import onnx
+    from transformers import AutoTokenizer
+
+    extra = local / "extra_files"
+    tokenizer = AutoTokenizer.from_pretrained(str(extra))
+    id2label = json.loads((extra / "config.json").read_text()).get("id2label", {})
+    inputs = [i.name for i in onnx.load(str(local / "model.onnx"), load_external_data=False).graph.input]
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="np")
+    outputs = model.predict({name: np.asarray(encoded[name], dtype=np.int64) for name in inputs})
+    logits = next(iter(outputs.values())) if isinstance(outputs, dict) else np.asarray(outputs)
+    return [id2label.get(str(i), str(i)) for i in np.asarray(logits).argmax(axis=-1)]
+
+
+def classify_registered(model_uri: str, texts: list[str], max_length: int = 128) -> list[str]:
+    """Labels predicted by the registered model at ``model_uri`` (e.g. ``models:/name@champion``)."""
+    local = download(model_uri)
+    model = mlflow.pyfunc.load_model(str(local))
+    if is_onnx(local):
+        return classify_onnx(model, local, texts, max_length)
+    out = model.predict(texts)
+    labels = out["label"] if isinstance(out, pd.DataFrame) else [o["label"] for o in out]
+    return [str(label) for label in labels]
