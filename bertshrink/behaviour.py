@@ -51,7 +51,7 @@ def length_bucket_edges(texts: Sequence[str], buckets: int = LENGTH_BUCKETS) -> 
     counts = word_counts(texts)
     if len(counts) == 0:
         return []
-    quantiles = np.quantile(counts, [i / buckets for i in range(1, buckets)])
+    quantiles = np.quantile(counts, [i / buckets for i in range(1, buckets)], method="lower")  # real counts
     return sorted({int(q) for q in quantiles})
 
 

@@ -213,26 +213,48 @@ def plot_tradeoff(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, p
             if group:
                 ax.scatter([r[x_key] for r in group], [r["accuracy"] for r in group], marker=marker, s=size,
                            color=colour, edgecolor="black", linewidth=0.5, label=role, zorder=3)
-        for r in points:
-            ax.annotate(r["model"], (r[x_key], r["accuracy"]), textcoords="offset points", xytext=(6, 5),
-                        fontsize=9, zorder=4)
         if log_x:
-            ax.set_xscale("log")
+            _readable_log_axis(ax)
+        ax.margins(x=0.12)  # room for the labels of the outermost points
+        ys = [r["accuracy"] for r in points]
+        if ys:
+            pad = max(0.01, (max(ys) - min(ys)) * 0.1)
+            ax.set_ylim(min(ys) - pad, min(1.0, max(ys) + pad))
+        _label_points(ax, points, x_key)
         ax.set_xlabel(x_label, fontsize=11)
         ax.set_ylabel("test accuracy (fraction correct)", fontsize=11)
         ax.set_title(title, fontsize=12)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower right", fontsize=9)
-        ys = [r["accuracy"] for r in points]
-        if ys:
-            pad = max(0.01, (max(ys) - min(ys)) * 0.1)
-            ax.set_ylim(min(ys) - pad, min(1.0, max(ys) + pad))
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
     finally:
         plt.close(fig)
     return path
+
+
+def _label_points(ax, points: Sequence[Mapping[str, Any]], x_key: str) -> None:
+    """Name each point; a label that would sit on an earlier one moves down a line (same-spot models)."""
+    placed: list[tuple[float, float]] = []
+    for r in points:
+        px, py = ax.transData.transform((r[x_key], r["accuracy"]))
+        dy = 5
+        while any(abs(px - qx) < 90 and abs(py + dy - qy) < 11 for qx, qy in placed):
+            dy -= 12
+        placed.append((px, py + dy))
+        ax.annotate(r["model"], (r[x_key], r["accuracy"]), textcoords="offset points", xytext=(6, dy),
+                    fontsize=9, zorder=4)
+
+
+def _readable_log_axis(ax) -> None:
+    """Log x axis with plain-number ticks at 1, 2, 5 x 10^k (not only 10^0, 10^1)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def write_plots(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str) -> list[Path]:

@@ -167,3 +167,30 @@ def test_quant_noise_benchmark_compares_three_students_under_every_quantization(
     table = (tmp_path / "reports/quant_noise.md").read_text()
     assert "| quant-noise |" in table and "ort-int4" in table
     assert not (tmp_path / "checkpoints/quant_noise").exists()
+
+
+def test_seeds_start_at_the_pipelines_own():
+    from bertshrink.repeats import seeds_for
+
+    assert seeds_for(42, 3) == [42, 43, 44]
+
+
+def test_repeat_over_seeds_rebuilds_scores_and_cleans_up(teacher, prepared, tmp_path):
+    """evaluate.seeds: the recipe rebuilt with other seeds, scored, summarised as mean and spread."""
+    from bertshrink.params import EvaluateParams
+    from bertshrink.repeats import repeat_over_seeds
+
+    fast = EvaluateParams(warmup_iterations=0, timed_iterations=1, batch_sizes=(1,), max_length=32)
+    first = {"accuracy": 0.5, "macro_f1": 0.4, "agreement": 0.6}
+    teacher_predictions = [0] * len(prepared.splits["test"])
+    out = repeat_over_seeds("ft", recipe([{"finetune": {"epochs": 1, "learning_rate": 3e-3, "batch_size": 8}}]),
+                            teacher, prepared, tmp_path / "seeds", first, base_seed=7, n_seeds=3, max_length=32,
+                            params=fast, teacher_predictions=teacher_predictions)
+    assert out["seeds"] == [7, 8, 9] and [r["seed"] for r in out["runs"]] == [7, 8, 9]
+    assert out["runs"][0]["accuracy"] == 0.5  # the existing candidate is not rebuilt
+    assert out["accuracy"]["n"] == 3 and out["accuracy"]["min"] <= out["accuracy"]["mean"] <= out["accuracy"]["max"]
+    assert out["accuracy"]["std"] > 0  # the fake first score (0.5) differs from the trained ones
+    for run in out["runs"][1:]:
+        assert 0.0 <= run["agreement"] <= 1.0 and run["n"] == len(prepared.splits["test"])
+        assert run["accuracy"] >= 0.8  # the rebuilt candidates are real, trained models
+    assert not list((tmp_path / "seeds").glob("seed-*"))  # rebuilt models are scored, then removed
