@@ -40,8 +40,8 @@ def serve_check_flow(params: Params, parent_run_id: str | None = None, alias: st
     """Classify the first ``rows`` test texts with ``models:/<name>@<alias>``; compare with its evaluation."""
     configure_tracking(params.registry)
     version, name = registered_name(MlflowClient(), params.registry.model_name, alias)
-    test = load_prepared(params.base.prepared_dir).splits["test"].head(rows)
-    labels = load_prepared(params.base.prepared_dir).label_names
+    prepared = load_prepared(params.base.prepared_dir)
+    test, labels = prepared.splits["test"].head(rows), prepared.label_names
     uri = f"models:/{params.registry.model_name}@{alias}"
     served = classify_registered(uri, test["text"].astype(str).tolist(), params.evaluate.max_length)
     expected_file = predictions_path(params.base, name)
