@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from the repository root
 from bertshrink.params import load_params  # noqa: E402
 from bertshrink.report import PLOTS, check_targets, markdown_table, report_rows  # noqa: E402
 from flows.report import report_names  # noqa: E402
-from tasks.report import load_results, machine_line, registry_cell  # noqa: E402
+from tasks.report import load_results, machine_line, read_json, registry_cell  # noqa: E402
 from tasks.tracking import git_commit  # noqa: E402
 
 TARGETS = {"min_retention": 0.98, "min_b1_speedup_vs_teacher": 6.0, "min_b1_speedup_vs_baseline": 2.0,
@@ -107,9 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     results = load_results(base, report_names(params))
     if not results:
         sys.exit(f"bertshrink: no metrics in {base.metrics_dir}: run `make bench` (the pipeline on {args.params}) first.")
-    read = lambda p: json.loads(p.read_text()) if p.is_file() else None  # noqa: E731
-    comparison = read(Path(base.metrics_dir) / "comparison.json")
-    promotion = read(Path(base.reports_dir) / "promotion.json")
+    comparison = read_json(Path(base.metrics_dir) / "comparison.json")
+    promotion = read_json(Path(base.reports_dir) / "promotion.json")
     rows = report_rows(results, comparison, params.compress.baseline)
     for r in rows:
         r["registry"] = registry_cell(base, r["model"], promotion)

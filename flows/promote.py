@@ -24,7 +24,7 @@ from bertshrink.errors import MissingArtifactError, ParamsError
 from bertshrink.params import Params
 from bertshrink.promotion import CHAMPION_ALIAS, candidate_from_tags, check_manual_promotion
 from flows._cli import run_stage
-from tasks.promote import constraints_of, move_alias, promote_task
+from tasks.promote import constraints_of, move_alias, promote_task, version_model_name
 from tasks.tracking import configure_tracking, log_artifact, set_tags, stage_run
 
 
@@ -68,8 +68,7 @@ def promote_by_hand(params: Params, version: str | None, alias: str | None, forc
     configure_tracking(params.registry)
     client = MlflowClient()
     target = resolve_version(client, params.registry.model_name, version, alias)
-    candidate = candidate_from_tags(target.tags.get("recipe", target.tags.get("kind", "?")), target.version,
-                                    target.tags)
+    candidate = candidate_from_tags(version_model_name(target), target.version, target.tags)
     try:
         why = check_manual_promotion(candidate, constraints_of(params.registry), force, reason)
     except ValueError as err:

@@ -22,6 +22,7 @@ from bertshrink.errors import MissingArtifactError, ModelSourceError
 from bertshrink.params import Params
 from flows._cli import run_stage
 from tasks.evaluate import predictions_path
+from tasks.promote import version_model_name
 from tasks.serve import classify_registered
 from tasks.tracking import configure_tracking
 
@@ -33,7 +34,7 @@ def registered_name(client: MlflowClient, model_name: str, alias: str) -> tuple[
     except MlflowException:
         raise MissingArtifactError(f"{model_name} has no @{alias}: run the pipeline (make run) or promote one "
                                    "(python -m flows.promote --alias challenger).") from None
-    return str(version.version), version.tags.get("recipe") or version.tags.get("kind", "teacher")
+    return str(version.version), version_model_name(version)
 
 
 def serve_check_flow(params: Params, parent_run_id: str | None = None, alias: str = "champion", rows: int = 8) -> dict:

@@ -20,6 +20,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from bertshrink.params import BaseParams, RegistryParams
 from bertshrink.promotion import (CHALLENGER_ALIAS, CHAMPION_ALIAS, Candidate, Constraints, candidate_from_result,
                                   candidate_from_tags, champion_decision, choose)
+from tasks.report import read_json
 from tasks.tracking import configure_tracking
 
 SET_BY_TAG, SET_VERSION_TAG = "bertshrink.champion_set_by", "bertshrink.champion_version"
@@ -29,21 +30,17 @@ def constraints_of(registry: RegistryParams) -> Constraints:
     return Constraints(registry.min_retention, registry.min_agreement, registry.max_p95_ms, registry.max_size_mb)
 
 
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def gather_candidates(base: BaseParams, names: list[str], failed: dict[str, str] | None = None) -> list[Candidate]:
     """Teacher + recipes as the rule sees them: metrics, registration record, interleaved latency."""
-    comparison = _read(Path(base.metrics_dir) / "comparison.json") or {}
+    comparison = read_json(Path(base.metrics_dir) / "comparison.json") or {}
     compared = comparison.get("models", {})
     candidates = []
     for name in names:
         if name in (failed or {}):
             candidates.append(Candidate(name, status="failed"))
             continue
-        result = _read(Path(base.metrics_dir) / f"{name}.json")
-        record = _read(Path(base.reports_dir) / "registry" / f"{name}.json")
+        result = read_json(Path(base.metrics_dir) / f"{name}.json")
+        record = read_json(Path(base.reports_dir) / "registry" / f"{name}.json")
         candidates.append(candidate_from_result(name, result, record, (compared.get(name) or {}).get("latency")))
     return candidates
 
@@ -56,8 +53,12 @@ def current_champion(client: MlflowClient, model_name: str) -> tuple[Candidate |
         return None, True
     tags = client.get_registered_model(model_name).tags
     by_pipeline = tags.get(SET_BY_TAG) == "pipeline" and tags.get(SET_VERSION_TAG) == str(version.version)
-    return candidate_from_tags(version.tags.get("recipe", version.tags.get("kind", "?")), version.version,
-                               version.tags), by_pipeline
+    return candidate_from_tags(version_model_name(version), version.version, version.tags), by_pipeline
+
+
+def version_model_name(version) -> str:
+    """What our folders call a registered version: its recipe, or ``teacher``."""
+    return version.tags.get("recipe") or version.tags.get("kind", "teacher")
 
 
 def move_alias(client: MlflowClient, model_name: str, alias: str, version: str, reason: str, set_by: str) -> None:

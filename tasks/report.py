@@ -21,13 +21,14 @@ def report_dir(base: BaseParams) -> Path:
     return Path(base.reports_dir) / "report"
 
 
-def _read(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A stage's JSON output, or None where that stage has not run (or failed)."""
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_results(base: BaseParams, names: list[str]) -> list[dict]:
     """The evaluation results that exist, in ``names`` order."""
-    return [r for r in (_read(Path(base.metrics_dir) / f"{n}.json") for n in names) if r]
+    return [r for r in (read_json(Path(base.metrics_dir) / f"{n}.json") for n in names) if r]
 
 
 def machine_line(results: list[dict], comparison: dict | None) -> str:
@@ -50,7 +51,7 @@ def promotion_lines(promotion: dict | None) -> list[str]:
 
 def registry_cell(base: BaseParams, name: str, promotion: dict | None) -> str:
     """``v7 @challenger @champion``, ``not registered (collapsed)``, or empty (the floor is not registered)."""
-    record = _read(Path(base.reports_dir) / "registry" / f"{name}.json")
+    record = read_json(Path(base.reports_dir) / "registry" / f"{name}.json")
     if not record:
         return ""
     if record.get("registered") is False:
@@ -91,8 +92,8 @@ def report_markdown(rows: list[dict], title: str, comparison: dict | None, promo
 def report_task(base: BaseParams, names: list[str], baseline: str | None, title: str, run_id: str | None) -> dict:
     """Write ``reports/report/`` (report.md, three PNGs, models.csv); attach it to ``run_id`` and to Prefect."""
     results = load_results(base, names)
-    comparison = _read(Path(base.metrics_dir) / "comparison.json")
-    promotion = _read(Path(base.reports_dir) / "promotion.json")
+    comparison = read_json(Path(base.metrics_dir) / "comparison.json")
+    promotion = read_json(Path(base.reports_dir) / "promotion.json")
     rows = report_rows(results, comparison, baseline)
     for row in rows:
         row["registry"] = registry_cell(base, row["model"], promotion)
