@@ -29,13 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
-from bertshrink.compress import run_recipe  # noqa: E402
-from bertshrink.data import load_prepared  # noqa: E402
-from bertshrink.measure import classification_metrics, load_runner, size_on_disk  # noqa: E402
-from bertshrink.params import load_params  # noqa: E402
-from bertshrink.quant_training import round_weights_  # noqa: E402
-from bertshrink.quantize_onnx import quantize_dynamic_onnx, quantize_int4_onnx  # noqa: E402
-from bertshrink.recipes import Recipe  # noqa: E402
+from bertshrink.compression.recipe import run_recipe  # noqa: E402
+from bertshrink.data.prepare import load_prepared  # noqa: E402
+from bertshrink.evaluation.metrics import classification_metrics, load_runner, size_on_disk  # noqa: E402
+from bertshrink.config.params import load_params  # noqa: E402
+from bertshrink.training.quant_training import round_weights_  # noqa: E402
+from bertshrink.compression.quantize_onnx import quantize_dynamic_onnx, quantize_int4_onnx  # noqa: E402
+from bertshrink.config.recipes import Recipe  # noqa: E402
 
 SIMULATED_BITS = (8, 4, 3)
 RUNTIME_QUANTIZATIONS = {

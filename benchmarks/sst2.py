@@ -19,11 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from the repository root
 
-from bertshrink.params import load_params  # noqa: E402
-from bertshrink.report import PLOTS, check_targets, markdown_table, report_rows  # noqa: E402
+from bertshrink.config.params import load_params  # noqa: E402
+from bertshrink.selection.report import PLOTS, check_targets, markdown_table, report_rows  # noqa: E402
 from flows.report import report_names  # noqa: E402
 from tasks.report import load_results, machine_line, read_json, registry_cell  # noqa: E402
-from tasks.tracking import git_commit  # noqa: E402
+from tracking.runs import git_commit  # noqa: E402
 
 TARGETS = {"min_retention": 0.98, "min_b1_speedup_vs_teacher": 6.0, "min_b1_speedup_vs_baseline": 2.0,
            "min_smaller_vs_teacher": 15.0, "min_smaller_vs_baseline": 4.0}

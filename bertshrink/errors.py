@@ -49,3 +49,7 @@ class CompressionError(BertshrinkError):
     """One or more compression recipes failed (the others still ran)."""
 
     exit_code = 8
+
+
+class QuantizationError(CompressionError, ValueError):
+    """A quantization setting is out of range, or cannot be applied to this model or machine."""

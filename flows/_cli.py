@@ -9,7 +9,7 @@ import sys
 from typing import Callable
 
 from bertshrink.errors import BertshrinkError
-from bertshrink.params import DEFAULT_PARAMS_FILE, Params, load_params
+from bertshrink.config.params import DEFAULT_PARAMS_FILE, Params, load_params
 
 
 def quiet_libraries() -> None:

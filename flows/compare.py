@@ -11,23 +11,24 @@ from pathlib import Path
 
 from prefect import flow
 
+from bertshrink.config.artifacts import Artifacts
+from bertshrink.config.params import Params
 from bertshrink.errors import MissingArtifactError
-from bertshrink.params import Params
+from bertshrink.modelfolder.files import CONFIG_FILE
 from flows._cli import run_stage
-from tasks.compress import candidate_dir
 from tasks.evaluate import compare_latency_task
-from tasks.floor import floor_dir
-from tasks.tracking import stage_run
+from tracking.runs import stage_run
 
 
 def models_to_compare(params: Params) -> list[str]:
     """The teacher, the floor (if trained), then each recipe's candidate that exists on disk."""
-    if not (params.base.teacher_dir / "config.json").is_file():
-        raise MissingArtifactError(f"{params.base.teacher_dir} has no model: train the teacher first "
+    paths = Artifacts(params.base)
+    if not (paths.teacher / CONFIG_FILE).is_file():
+        raise MissingArtifactError(f"{paths.teacher} has no model: train the teacher first "
                                    "(`python -m flows.teacher` or `dvc repro teacher`).")
-    floor = [floor_dir(params.base)] if params.floor.enabled else []
-    candidates = floor + [candidate_dir(params.base, name) for name in params.compress.recipes]
-    return [str(params.base.teacher_dir), *(str(d) for d in candidates if (d / "config.json").is_file())]
+    floor = [paths.floor] if params.floor.enabled else []
+    candidates = floor + [paths.candidate(name) for name in params.compress.recipes]
+    return [str(paths.teacher), *(str(d) for d in candidates if (d / CONFIG_FILE).is_file())]
 
 
 @flow(name="compare")
@@ -35,8 +36,8 @@ def compare_flow(params: Params, parent_run_id: str | None = None, model_dirs: l
     """Interleaved latency of ``model_dirs`` (default: teacher + existing candidates), teacher first."""
     dirs = model_dirs or models_to_compare(params)
     with stage_run("compare", params.registry, parent_run_id) as run_id:
-        return compare_latency_task([str(Path(d)) for d in dirs], params.evaluate, params.base, run_id,
-                                    baseline=params.compress.baseline)
+        return compare_latency_task([str(Path(d)) for d in dirs], params.evaluate, Artifacts(params.base),
+                                    params.base.seed, run_id, baseline=params.compress.baseline)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,21 @@ failing does not stop the others; the flow reports which failed and why, and exi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from prefect import flow
 
+from bertshrink.config.artifacts import Artifacts
+from bertshrink.config.params import Params
+from bertshrink.config.recipes import check_against_config
 from bertshrink.errors import CompressionError, MissingArtifactError, ParamsError
-from bertshrink.params import Params
-from bertshrink.recipes import check_against_config
+from bertshrink.modelfolder.files import CONFIG_FILE
 from flows._cli import run_stage
 from tasks.compress import compress_recipe
-from tasks.tracking import stage_run
+from tracking.runs import stage_run
 
 
 def _teacher_config(params: Params) -> dict:
-    config_file = params.base.teacher_dir / "config.json"
+    config_file = Artifacts(params.base).teacher / CONFIG_FILE
     if not config_file.is_file():
         raise MissingArtifactError(f"{config_file} not found: train the teacher first "
                                    "(`python -m flows.teacher` or `dvc repro teacher`).")
@@ -52,15 +53,15 @@ def compress_flow(params: Params, parent_run_id: str | None = None, recipes: lis
         problems = check_against_config(params.compress, _teacher_config(params))
         if problems:
             raise recipes_that_cannot_apply(problems)
-    succeeded, failed = [], {}
+    paths, succeeded, failed = Artifacts(params.base), [], {}
     for name in names:
         try:
             with stage_run(f"compress:{name}", params.registry, parent_run_id) as run_id:
-                succeeded.append(compress_recipe(name, params.compress.recipes[name], params.base, run_id))
+                succeeded.append(compress_recipe(name, params.compress.recipes[name], paths, params.base.seed, run_id))
         except Exception as err:  # one failing recipe must not stop the others
             failed[name] = f"{type(err).__name__}: {err}"
     summary = {"succeeded": succeeded, "failed": failed}
-    out = Path(params.base.reports_dir) / "compress" / "summary.json"
+    out = paths.compress_summary
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     if failed and raise_on_failure:

@@ -6,16 +6,17 @@ a compressed transformer is worth it at all on this data.
 
 from prefect import flow
 
-from bertshrink.params import Params
+from bertshrink.config.artifacts import Artifacts
+from bertshrink.config.params import Params
 from flows._cli import run_stage
 from tasks.floor import train_floor_task
-from tasks.tracking import stage_run
+from tracking.runs import stage_run
 
 
 @flow(name="floor")
 def floor_flow(params: Params, parent_run_id: str | None = None) -> dict:
     with stage_run("floor", params.registry, parent_run_id) as run_id:
-        return train_floor_task(params.floor, params.base, run_id)
+        return train_floor_task(params.floor, Artifacts(params.base), params.base.seed, run_id)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ records what succeeded in ``dvc.lock``, so that a following ``dvc repro`` knows 
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -20,10 +21,12 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from bertshrink.config.artifacts import Artifacts
+from bertshrink.config.params import DEFAULT_PARAMS_FILE, Params, load_params
+from bertshrink.config.recipes import check_against_config
 from bertshrink.errors import BertshrinkError
-from bertshrink.params import DEFAULT_PARAMS_FILE, Params, load_params
-from bertshrink.recipes import check_against_config
-from bertshrink.sources import resolve_model_source
+from bertshrink.modelfolder.files import CONFIG_FILE
+from bertshrink.modelfolder.sources import resolve_model_source
 from flows._cli import quiet_libraries
 from flows.compare import compare_flow
 from flows.compress import compress_flow, recipes_failed, recipes_that_cannot_apply
@@ -35,7 +38,8 @@ from flows.register import register_flow
 from flows.report import report_flow
 from flows.teacher import teacher_flow
 from flows.validate import validate_flow
-from tasks.tracking import git_commit, log_artifact, log_metrics, pipeline_run, set_tags
+from tracking.runs import git_commit, log_artifact, log_metrics, pipeline_run, set_tags
+
 
 def summary_markdown(report: str, registered: list[dict], seconds: float, failed: dict[str, str] | None = None) -> str:
     """The report, then where each model was registered and what failed, then the wall time."""
@@ -117,7 +121,7 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
         report = report_flow(params, parent)
         seconds = time.time() - started
         markdown = summary_markdown(report["markdown"], registered, seconds, failed)
-        summary_file = Path(params.base.reports_dir) / "pipeline_summary.md"
+        summary_file = Artifacts(params.base).pipeline_summary
         summary_file.parent.mkdir(parents=True, exist_ok=True)
         summary_file.write_text(markdown)
         log_artifact(parent, summary_file)
@@ -143,7 +147,7 @@ def check_recipes_before_training(params: Params) -> None:
     a Hub id is checked by the compress stage once the teacher exists.
     """
     try:
-        config_file = Path(resolve_model_source(params.teacher.model)) / "config.json"
+        config_file = Path(resolve_model_source(params.teacher.model)) / CONFIG_FILE
     except BertshrinkError:
         return  # the teacher stage reports a bad model source with its own message
     if params.compress.recipes and config_file.is_file():
@@ -153,8 +157,6 @@ def check_recipes_before_training(params: Params) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=str(DEFAULT_PARAMS_FILE))

@@ -12,41 +12,41 @@ A by-hand promotion passes the same rule checks; ``--force`` overrides them and 
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import flow
 
-from bertshrink.errors import MissingArtifactError, ParamsError
-from bertshrink.params import Params
-from bertshrink.promotion import CHAMPION_ALIAS, candidate_from_tags, check_manual_promotion
-from flows._cli import run_stage
-from tasks.promote import constraints_of, move_alias, promote_task, version_model_name
-from tasks.tracking import configure_tracking, log_artifact, set_tags, stage_run
+from bertshrink.config.artifacts import TEACHER, Artifacts, read_json
+from bertshrink.config.params import Params, load_params
+from bertshrink.errors import BertshrinkError, MissingArtifactError, ParamsError
+from bertshrink.selection.promotion import CHAMPION_ALIAS, candidate_from_tags, check_manual_promotion, constraints_of
+from flows._cli import parse_args, quiet_libraries, run_stage
+from tasks.promote import promote_task
+from tracking.registry import move_alias, version_model_name
+from tracking.runs import configure_tracking, log_artifact, set_tags, stage_run
 
 
 def promotion_names(params: Params) -> list[str]:
     """The teacher and every recipe: what the rule chooses among."""
-    return [params.base.teacher_dir.name, *params.compress.recipes]
+    return [TEACHER, *params.compress.recipes]
 
 
 def failed_recipes(params: Params) -> dict[str, str]:
-    summary = Path(params.base.reports_dir) / "compress" / "summary.json"
-    return json.loads(summary.read_text()).get("failed", {}) if summary.is_file() else {}
+    return (read_json(Artifacts(params.base).compress_summary) or {}).get("failed", {})
 
 
 @flow(name="promote")
 def promote_flow(params: Params, parent_run_id: str | None = None, failed: dict[str, str] | None = None) -> dict:
     """The rule's choice becomes ``challenger``; ``champion`` moves only as the rule allows."""
     with stage_run("promote", params.registry, parent_run_id) as run_id:
-        record = promote_task(params.registry, params.base, promotion_names(params),
+        paths = Artifacts(params.base)
+        record = promote_task(params.registry, paths, promotion_names(params),
                               failed if failed is not None else failed_recipes(params))
         set_tags(run_id, {"challenger": (record["challenger"] or {}).get("name", "none"),
                           "champion_moved": record["champion_moved"]})
-        log_artifact(run_id, Path(params.base.reports_dir) / "promotion.json")
+        log_artifact(run_id, paths.promotion)
     print(f"bertshrink: challenger: {record['reason']}\nbertshrink: champion: {record['champion_reason']}")
     return record
 
@@ -87,10 +87,6 @@ def _options(parser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bertshrink.errors import BertshrinkError
-    from bertshrink.params import load_params
-    from flows._cli import parse_args, quiet_libraries
-
     quiet_libraries()
     args = parse_args(__doc__.splitlines()[0], argv, _options)
     if not (args.version or args.alias):

@@ -14,28 +14,25 @@ from pathlib import Path
 
 from prefect import flow
 
-from bertshrink.params import Params
-from bertshrink.rules import collapse_reason
+from bertshrink.config.artifacts import Artifacts, model_name
+from bertshrink.config.params import Params
+from bertshrink.selection.rules import collapse_reason
 from flows._cli import model_dir_option, run_stage
-from tasks.evaluate import metrics_path
 from tasks.registry import register_model
-from tasks.tracking import set_tags, stage_run
-
-
-def registration_record(params: Params, model_name: str) -> Path:
-    return Path(params.base.reports_dir) / "registry" / f"{model_name}.json"
+from tracking.runs import set_tags, stage_run
 
 
 def alias_for(params: Params, model_dir: Path) -> str:
     """``teacher`` for the teacher, the recipe name for a candidate."""
-    return params.registry.teacher_alias if Path(model_dir) == params.base.teacher_dir else Path(model_dir).name
+    return params.registry.teacher_alias if Artifacts(params.base).is_teacher(model_dir) else model_name(model_dir)
 
 
 def collapsed(params: Params, model_dir: Path) -> str | None:
     """Why a candidate's accuracy collapsed against the teacher's (from their metrics files), or None."""
-    if Path(model_dir) == params.base.teacher_dir:
+    paths = Artifacts(params.base)
+    if paths.is_teacher(model_dir):
         return None
-    files = [metrics_path(params.base, Path(model_dir).name), metrics_path(params.base, params.base.teacher_dir.name)]
+    files = [paths.metrics(model_name(model_dir)), paths.metrics(model_name(paths.teacher))]
     if not all(f.is_file() for f in files):
         return None  # register_model reports the missing evaluation
     candidate, teacher = (json.loads(f.read_text()) for f in files)
@@ -44,12 +41,13 @@ def collapsed(params: Params, model_dir: Path) -> str | None:
 
 def keep_unregistered(params: Params, model_dir: Path, reason: str) -> dict:
     """Record (and tag on its evaluation run) why a collapsed candidate was not registered."""
-    result = json.loads(metrics_path(params.base, model_dir.name).read_text())
+    paths = Artifacts(params.base)
+    result = json.loads(paths.metrics(model_name(model_dir)).read_text())
     if result.get("evaluation_run_id"):
         set_tags(result["evaluation_run_id"], {"collapsed": "true", "collapse_reason": reason})
     record = {"name": params.registry.model_name, "alias": model_dir.name, "registered": False, "collapsed": True,
               "reason": reason, "model_dir": str(model_dir)}
-    out = registration_record(params, model_dir.name)
+    out = paths.registry_record(model_name(model_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     print(f"bertshrink: not registering {model_dir} (kept for inspection): {reason}", file=sys.stderr)
@@ -62,8 +60,8 @@ def register_flow(params: Params, parent_run_id: str | None = None, model_dirs: 
 
     A candidate whose accuracy collapsed is not registered: its record says why (``registered: false``).
     """
-    records = []
-    for model_dir in [Path(d) for d in model_dirs or [params.base.teacher_dir]]:
+    paths, records = Artifacts(params.base), []
+    for model_dir in [Path(d) for d in model_dirs or [paths.teacher]]:
         reason = collapsed(params, model_dir)
         if reason:
             records.append(keep_unregistered(params, model_dir, reason))
@@ -71,11 +69,11 @@ def register_flow(params: Params, parent_run_id: str | None = None, model_dirs: 
         with stage_run("register", params.registry, parent_run_id) as run_id:
             records.append(register_model(
                 str(model_dir),
-                str(metrics_path(params.base, model_dir.name)),
+                str(paths.metrics(model_name(model_dir))),
                 params.registry,
                 alias_for(params, model_dir),
                 run_id,
-                str(registration_record(params, model_dir.name)),
+                str(paths.registry_record(model_name(model_dir))),
             ))
     return records
 

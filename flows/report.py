@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from prefect import flow
 
-from bertshrink.floor import FLOOR_NAME
-from bertshrink.params import Params
+from bertshrink.config.artifacts import FLOOR, TEACHER, Artifacts
+from bertshrink.config.params import Params
 from flows._cli import run_stage
 from tasks.report import report_task
-from tasks.tracking import stage_run
+from tracking.runs import stage_run
 
 
 def report_names(params: Params) -> list[str]:
-    return [params.base.teacher_dir.name, FLOOR_NAME, *params.compress.recipes]
+    return [TEACHER, FLOOR, *params.compress.recipes]
 
 
 def report_title(params: Params) -> str:
@@ -30,7 +30,7 @@ def report_title(params: Params) -> str:
 def report_flow(params: Params, parent_run_id: str | None = None) -> dict:
     """Write the report; log it to the parent run (or, alone, to its own run)."""
     with stage_run("report", params.registry, parent_run_id) as run_id:
-        return report_task(params.base, report_names(params), params.compress.baseline, report_title(params),
+        return report_task(Artifacts(params.base), report_names(params), params.compress.baseline, report_title(params),
                            parent_run_id or run_id)
 
 

@@ -11,20 +11,18 @@ near-tie; a broken artifact disagrees on about half or more).
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from bertshrink.data import load_prepared
+from bertshrink.config.artifacts import Artifacts
+from bertshrink.config.params import Params
+from bertshrink.data.prepare import load_prepared
 from bertshrink.errors import MissingArtifactError, ModelSourceError
-from bertshrink.params import Params
 from flows._cli import run_stage
-from tasks.evaluate import predictions_path
-from tasks.promote import version_model_name
-from tasks.serve import classify_registered
-from tasks.tracking import configure_tracking
+from tracking.registry import version_model_name
+from tracking.serving import classify_registered
+from tracking.runs import configure_tracking
 
 
 def registered_name(client: MlflowClient, model_name: str, alias: str) -> tuple[str, str]:
@@ -41,11 +39,12 @@ def serve_check_flow(params: Params, parent_run_id: str | None = None, alias: st
     """Classify the first ``rows`` test texts with ``models:/<name>@<alias>``; compare with its evaluation."""
     configure_tracking(params.registry)
     version, name = registered_name(MlflowClient(), params.registry.model_name, alias)
-    prepared = load_prepared(params.base.prepared_dir)
+    paths = Artifacts(params.base)
+    prepared = load_prepared(paths.prepared)
     test, labels = prepared.splits["test"].head(rows), prepared.label_names
     uri = f"models:/{params.registry.model_name}@{alias}"
     served = classify_registered(uri, test["text"].astype(str).tolist(), params.evaluate.max_length)
-    expected_file = predictions_path(params.base, name)
+    expected_file = paths.predictions(name)
     expected = ([labels[i] for i in json.loads(expected_file.read_text())["test"][:rows]]
                 if expected_file.is_file() else None)
     for text, gold, got in zip(test["text"], test["label"], served):

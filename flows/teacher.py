@@ -2,16 +2,17 @@
 
 from prefect import flow
 
-from bertshrink.params import Params
+from bertshrink.config.artifacts import Artifacts
+from bertshrink.config.params import Params
 from flows._cli import run_stage
-from tasks.teacher import train_teacher
-from tasks.tracking import stage_run
+from tasks.teacher import train_teacher_task
+from tracking.runs import stage_run
 
 
 @flow(name="teacher")
 def teacher_flow(params: Params, parent_run_id: str | None = None) -> dict:
     with stage_run("teacher", params.registry, parent_run_id) as run_id:
-        return train_teacher(params.teacher, params.base, run_id)
+        return train_teacher_task(params.teacher, Artifacts(params.base), params.base.seed, run_id)
 
 
 if __name__ == "__main__":

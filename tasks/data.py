@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from bertshrink.data import load_prepared, prepare_splits, write_prepared
-from bertshrink.params import BaseParams, DataParams, ValidateParams
-from bertshrink.sources import load_raw_dataset
-from bertshrink.validation import assert_valid, run_validation
-from tasks.tracking import log_artifact, log_metrics, log_params, set_tags
-
-VALIDATION_RESULT = "validation.json"
+from bertshrink.config.artifacts import Artifacts
+from bertshrink.config.params import DataParams, ValidateParams
+from bertshrink.data.prepare import load_prepared, prepare_splits, write_prepared
+from bertshrink.data.sources import load_raw_dataset
+from bertshrink.data.validation import assert_valid, run_validation
+from tracking.runs import log_artifact, log_metrics, log_params, set_tags
 
 
 # Hub downloads can fail transiently; local reads cannot, but retrying them is harmless.
 @task(name="prepare-data", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def prepare_data(data: DataParams, base: BaseParams, run_id: str) -> dict:
+def prepare_data(data: DataParams, paths: Artifacts, seed: int, run_id: str) -> dict:
     """Load the source, split it, write Parquet + meta.json; returns the meta."""
     raw = load_raw_dataset(data.source, data.text_column, data.label_column, data.split_names)
-    prepared = prepare_splits(raw, data, base.seed)
-    out_dir = write_prepared(prepared, base.prepared_dir)
+    prepared = prepare_splits(raw, data, seed)
+    out_dir = write_prepared(prepared, paths.prepared)
     log_params(run_id, {f"data.{k}": v for k, v in data.model_dump(mode="json").items()})
     log_metrics(run_id, {f"rows.{k}": v for k, v in prepared.meta["rows"].items()})
     set_tags(run_id, {"data.content_hash": prepared.content_hash, "data.source": raw.source})
@@ -32,16 +30,16 @@ def prepare_data(data: DataParams, base: BaseParams, run_id: str) -> dict:
 
 
 @task(name="validate-data", cache_policy=NO_CACHE)
-def validate_data(validate: ValidateParams, base: BaseParams, run_id: str) -> dict:
+def validate_data(validate: ValidateParams, paths: Artifacts, run_id: str) -> dict:
     """Run the Great Expectations suite; write JSON + Data Docs; raise if it failed."""
-    prepared = load_prepared(base.prepared_dir)
-    out_dir = Path(base.reports_dir) / "validation"
+    prepared = load_prepared(paths.prepared)
+    out_dir = paths.validation_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     report = run_validation(prepared.splits, prepared.label_names, validate, docs_dir=out_dir / "data_docs")
     result = {**report.to_dict(), "data_content_hash": prepared.content_hash}
     # The result file is a DVC dependency of `teacher`: keep run-to-run noise (timings) out of it.
     elapsed = result["statistics"].pop("elapsed_s", None)
-    (out_dir / VALIDATION_RESULT).write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    paths.validation_result.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
     log_params(run_id, {f"validate.{k}": v for k, v in validate.model_dump(mode="json").items()})
     log_metrics(run_id, {"validation.success": float(report.success), "validation.failures": len(report.failures),
                           "validation.seconds": elapsed or 0.0})

@@ -9,36 +9,25 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from bertshrink.behaviour import behaviour_report, disagreement_table
-from bertshrink.data import PreparedData, load_prepared
-from bertshrink.measure import (compare_latency, evaluate_model, flat_metrics, latency_texts, machine_info,
-                                size_on_disk)
-from bertshrink.modeling import model_format, read_model_meta
-from bertshrink.params import BaseParams, EvaluateParams
-from bertshrink.recipes import Recipe
-from tasks.tracking import log_artifact, log_metrics, log_params, set_tags
-
-TEACHER = "teacher"
-
-
-def metrics_path(base: BaseParams, model_name: str) -> Path:
-    return Path(base.metrics_dir) / f"{model_name}.json"
+from bertshrink.config.artifacts import TEACHER, Artifacts, model_name as name_of
+from bertshrink.config.params import EvaluateParams
+from bertshrink.config.recipes import Recipe
+from bertshrink.data.prepare import PreparedData, load_prepared
+from bertshrink.evaluation.behaviour import behaviour_report, disagreement_table
+from bertshrink.evaluation.latency import compare_latency, latency_texts, ratios
+from bertshrink.evaluation.machine import machine_info
+from bertshrink.evaluation.metrics import evaluate_model, flat_metrics
+from bertshrink.evaluation.repeats import repeat_over_seeds
+from bertshrink.modelfolder.meta import read_meta, read_meta_or_default
+from bertshrink.modelfolder.size import size_on_disk
+from tracking.runs import log_artifact, log_metrics, log_params, set_tags
 
 
-def predictions_path(base: BaseParams, model_name: str) -> Path:
-    """Test (and validation) class ids of one model, in split order: what agreement is computed from."""
-    return Path(base.reports_dir) / "predictions" / f"{model_name}.json"
-
-
-def disagreements_path(base: BaseParams, model_name: str) -> Path:
-    return Path(base.reports_dir) / "disagreements" / f"{model_name}.csv"
-
-
-def teacher_reference(base: BaseParams, model_name: str, own: dict) -> tuple[list[int] | None, float | None]:
+def teacher_reference(paths: Artifacts, model_name: str, own: dict) -> tuple[list[int] | None, float | None]:
     """The teacher's test predictions and accuracy (its own for the teacher); None if it was not evaluated."""
     if model_name == TEACHER:
         return own["predictions"]["test"], own["metrics"]["test"]["accuracy"]
-    files = predictions_path(base, TEACHER), metrics_path(base, TEACHER)
+    files = paths.predictions(TEACHER), paths.metrics(TEACHER)
     if not all(f.is_file() for f in files):
         print(f"bertshrink: note: {files[0]} missing: evaluate the teacher first for agreement and retention "
               "(`python -m flows.evaluate`).", file=sys.stderr)
@@ -47,25 +36,25 @@ def teacher_reference(base: BaseParams, model_name: str, own: dict) -> tuple[lis
     return predictions["test"], metrics["metrics"]["test"]["accuracy"]
 
 
-def add_behaviour(result: dict, prepared: PreparedData, base: BaseParams, model_name: str) -> tuple[dict, Path | None]:
+def add_behaviour(result: dict, prepared: PreparedData, paths: Artifacts, model_name: str) -> tuple[dict, Path | None]:
     """Agreement, retention, per-class and per-length accuracy into ``result``; the disagreements as CSV."""
     test = prepared.splits["test"]
     texts, labels = test["text"].astype(str).tolist(), test["label"].to_numpy()
-    teacher_predictions, teacher_accuracy = teacher_reference(base, model_name, result)
+    teacher_predictions, teacher_accuracy = teacher_reference(paths, model_name, result)
     ours = result["predictions"]["test"]
     result["behaviour"] = behaviour_report(texts, labels, ours, prepared.label_names, teacher_predictions,
                                            teacher_accuracy)
     if teacher_predictions is None or model_name == TEACHER:
         return result, None
     table = disagreement_table(texts, labels, ours, teacher_predictions, prepared.label_names)
-    out = disagreements_path(base, model_name)
+    out = paths.disagreements(model_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     return result, out
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)
-def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, base: BaseParams, run_id: str,
+def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, paths: Artifacts, seed: int, run_id: str,
                         recipe: Recipe | None = None) -> dict:
     """Accuracy, behaviour next to the teacher, size, latency and memory of one model folder.
 
@@ -73,18 +62,18 @@ def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, base: BasePara
     teacher. With ``evaluate.seeds > 1`` and a ``recipe``, the recipe is rebuilt with the other
     seeds and the accuracy's mean and spread are added under ``seeds``.
     """
-    prepared = load_prepared(base.prepared_dir)
-    model_name = Path(model_dir).name
-    result = evaluate_model(Path(model_dir), prepared.splits, evaluate, seed=base.seed)
+    prepared = load_prepared(paths.prepared)
+    model_name = name_of(model_dir)
+    result = evaluate_model(Path(model_dir), prepared.splits, evaluate, seed=seed)
     result.update({"model": model_name, "evaluation_run_id": run_id, "data_content_hash": prepared.content_hash,
-                   "format": model_format(Path(model_dir))})
-    result, disagreements = add_behaviour(result, prepared, base, model_name)
+                   "format": read_meta_or_default(Path(model_dir)).format_label})
+    result, disagreements = add_behaviour(result, prepared, paths, model_name)
     if recipe is not None and evaluate.seeds > 1:
-        result["seeds"] = seed_spread(model_name, recipe, result, prepared, evaluate, base)
-    predictions = predictions_path(base, model_name)
+        result["seeds"] = seed_spread(model_name, recipe, result, prepared, evaluate, paths, seed)
+    predictions = paths.predictions(model_name)
     predictions.parent.mkdir(parents=True, exist_ok=True)
     predictions.write_text(json.dumps(result.pop("predictions")))
-    out = metrics_path(base, model_name)
+    out = paths.metrics(model_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
     log_params(run_id, {f"evaluate.{k}": v for k, v in evaluate.model_dump(mode="json").items()})
@@ -98,26 +87,19 @@ def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, base: BasePara
 
 
 def seed_spread(model_name: str, recipe: Recipe, result: dict, prepared: PreparedData, evaluate: EvaluateParams,
-                base: BaseParams) -> dict:
+                paths: Artifacts, seed: int) -> dict:
     """The recipe rebuilt with ``evaluate.seeds - 1`` more seeds; mean and spread of its test scores."""
-    from bertshrink.repeats import repeat_over_seeds
-
     test = result["metrics"]["test"]
     first = {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
              "agreement": result.get("behaviour", {}).get("agreement")}
-    teacher_predictions, _ = teacher_reference(base, model_name, result)
-    max_length = int(read_model_meta(base.teacher_dir).get("max_length", evaluate.max_length))
-    return repeat_over_seeds(model_name, recipe, base.teacher_dir, prepared,
-                             Path(base.checkpoints_dir) / "seeds" / model_name, first, base.seed, evaluate.seeds,
-                             max_length, evaluate, teacher_predictions)
-
-
-def comparison_path(base: BaseParams) -> Path:
-    return Path(base.metrics_dir) / "comparison.json"
+    teacher_predictions, _ = teacher_reference(paths, model_name, result)
+    max_length = int(read_meta(paths.teacher).max_length or evaluate.max_length)
+    return repeat_over_seeds(model_name, recipe, paths.teacher, prepared, paths.checkpoints("seeds", model_name),
+                             first, seed, evaluate.seeds, max_length, evaluate, teacher_predictions)
 
 
 @task(name="compare-latency", cache_policy=NO_CACHE)
-def compare_latency_task(model_dirs: list[str], evaluate: EvaluateParams, base: BaseParams, run_id: str,
+def compare_latency_task(model_dirs: list[str], evaluate: EvaluateParams, paths: Artifacts, seed: int, run_id: str,
                          baseline: str | None = None) -> dict:
     """Time every model interleaved on the same batches -> ``metrics/comparison.json`` + MLflow.
 
@@ -125,9 +107,9 @@ def compare_latency_task(model_dirs: list[str], evaluate: EvaluateParams, base: 
     ratios to it, and to ``baseline`` (the standard recipe, e.g. ``baseline-ort-int8``) when that
     model is among them: all from this one run.
     """
-    prepared = load_prepared(base.prepared_dir)
-    dirs = {Path(d).name: Path(d) for d in model_dirs}
-    latency = compare_latency(dirs, latency_texts(prepared.splits), evaluate, seed=base.seed)
+    prepared = load_prepared(paths.prepared)
+    dirs = {name_of(d): Path(d) for d in model_dirs}
+    latency = compare_latency(dirs, latency_texts(prepared.splits), evaluate, seed=seed)
     sizes = {name: size_on_disk(d)["total_bytes"] for name, d in dirs.items()}
     reference = next(iter(dirs))
     references = [reference] + ([baseline] if baseline in dirs and baseline != reference else [])
@@ -138,22 +120,10 @@ def compare_latency_task(model_dirs: list[str], evaluate: EvaluateParams, base: 
               "iterations": evaluate.timed_iterations, "models": models,
               "method": "interleaved: each seeded batch is run by every model back to back, in rotating order",
               "machine": machine_info(evaluate.threads), "data_content_hash": prepared.content_hash}
-    out = comparison_path(base)
+    out = paths.comparison
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))  # insertion order: the reference first
     for name, entry in models.items():
         log_metrics(run_id, {f"{name}.{k}": v for k, v in flat_metrics(entry).items()})
     log_artifact(run_id, out)
     return result
-
-
-def ratios(name: str, reference: str, latency: dict, sizes: dict) -> dict:
-    """``speedup_vs_<reference>`` per batch size and ``smaller_vs_<reference>`` (2.0 = twice as fast / small)."""
-    return {f"speedup_vs_{reference}": speedups(latency[name], latency[reference]),
-            f"smaller_vs_{reference}": sizes[reference] / sizes[name] if sizes[name] else None}
-
-
-def speedups(latency: dict, reference: dict) -> dict:
-    """Reference p50 / this model's p50 per batch size (2.0 = twice as fast)."""
-    return {key: reference[key]["p50_ms"] / value["p50_ms"] for key, value in latency.items()
-            if key in reference and value["p50_ms"] > 0}

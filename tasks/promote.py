@@ -1,85 +1,49 @@
-"""Prefect tasks for promotion: apply ``bertshrink.promotion``'s rule and move MLflow aliases.
+"""Prefect task for promotion: apply ``bertshrink.selection.promotion``'s rule and move MLflow aliases.
 
 The pipeline moves ``challenger`` to the rule's choice, and ``champion`` only when
 ``registry.auto_promote`` allows it and the champion was not set by a person. Who set the
-champion is kept as registered-model tags (``bertshrink.champion_set_by`` / ``_version``): an
-alias moved in the MLflow UI no longer matches them, so the pipeline leaves it alone.
+champion is kept as registered-model tags (``tracking.registry.move_alias``): an alias moved in
+the MLflow UI no longer matches them, so the pipeline leaves it alone.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-from pathlib import Path
 
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from bertshrink.params import BaseParams, RegistryParams
-from bertshrink.promotion import (CHALLENGER_ALIAS, CHAMPION_ALIAS, Candidate, Constraints, candidate_from_result,
-                                  candidate_from_tags, champion_decision, choose)
-from tasks.report import read_json
-from tasks.tracking import configure_tracking
+from bertshrink.config.artifacts import Artifacts, read_json
+from bertshrink.config.params import RegistryParams
+from bertshrink.selection.promotion import (CHALLENGER_ALIAS, CHAMPION_ALIAS, Candidate, candidate_from_result,
+                                            constraints_of,
+                                            champion_decision, choose)
+from tracking.registry import current_champion, move_alias
+from tracking.runs import configure_tracking
 
-SET_BY_TAG, SET_VERSION_TAG = "bertshrink.champion_set_by", "bertshrink.champion_version"
-
-
-def constraints_of(registry: RegistryParams) -> Constraints:
-    return Constraints(registry.min_retention, registry.min_agreement, registry.max_p95_ms, registry.max_size_mb)
-
-
-def gather_candidates(base: BaseParams, names: list[str], failed: dict[str, str] | None = None) -> list[Candidate]:
+def gather_candidates(paths: Artifacts, names: list[str], failed: dict[str, str] | None = None) -> list[Candidate]:
     """Teacher + recipes as the rule sees them: metrics, registration record, interleaved latency."""
-    comparison = read_json(Path(base.metrics_dir) / "comparison.json") or {}
+    comparison = read_json(paths.comparison) or {}
     compared = comparison.get("models", {})
     candidates = []
     for name in names:
         if name in (failed or {}):
             candidates.append(Candidate(name, status="failed"))
             continue
-        result = read_json(Path(base.metrics_dir) / f"{name}.json")
-        record = read_json(Path(base.reports_dir) / "registry" / f"{name}.json")
+        result = read_json(paths.metrics(name))
+        record = read_json(paths.registry_record(name))
         candidates.append(candidate_from_result(name, result, record, (compared.get(name) or {}).get("latency")))
     return candidates
 
 
-def current_champion(client: MlflowClient, model_name: str) -> tuple[Candidate | None, bool]:
-    """The version behind ``@champion`` (None if unset) and whether the pipeline itself put it there."""
-    try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
-    except MlflowException:
-        return None, True
-    tags = client.get_registered_model(model_name).tags
-    by_pipeline = tags.get(SET_BY_TAG) == "pipeline" and tags.get(SET_VERSION_TAG) == str(version.version)
-    return candidate_from_tags(version_model_name(version), version.version, version.tags), by_pipeline
-
-
-def version_model_name(version) -> str:
-    """What our folders call a registered version: its recipe, or ``teacher``."""
-    return version.tags.get("recipe") or version.tags.get("kind", "teacher")
-
-
-def move_alias(client: MlflowClient, model_name: str, alias: str, version: str, reason: str, set_by: str) -> None:
-    """Point ``alias`` at ``version`` and record the decision on the version (and, for champion, who set it)."""
-    client.set_registered_model_alias(model_name, alias, version)
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    for key, value in {f"promotion.{alias}.reason": reason, f"promotion.{alias}.set_by": set_by,
-                       f"promotion.{alias}.at": stamp}.items():
-        client.set_model_version_tag(model_name, version, key, value[:5000])
-    if alias == CHAMPION_ALIAS:
-        client.set_registered_model_tag(model_name, SET_BY_TAG, set_by)
-        client.set_registered_model_tag(model_name, SET_VERSION_TAG, str(version))
-
-
 @task(name="promote", cache_policy=NO_CACHE)
-def promote_task(registry: RegistryParams, base: BaseParams, names: list[str], failed: dict[str, str] | None = None) -> dict:
+def promote_task(registry: RegistryParams, paths: Artifacts, names: list[str], failed: dict[str, str] | None = None) -> dict:
     """Choose by the rule, move ``challenger`` (and maybe ``champion``); write ``reports/promotion.json``."""
     configure_tracking(registry)
     client = MlflowClient()
     constraints = constraints_of(registry)
-    candidates = gather_candidates(base, names, failed)
+    candidates = gather_candidates(paths, names, failed)
     choice = choose(candidates, constraints, registry.objective)
     champion, by_pipeline = current_champion(client, registry.model_name)
     decision = champion_decision(choice.chosen, champion, objective=registry.objective,
@@ -100,7 +64,7 @@ def promote_task(registry: RegistryParams, base: BaseParams, names: list[str], f
                                                           "set_by_pipeline": by_pipeline},
         "champion_moved": decision.promote, "champion_reason": decision.reason,
     }
-    out = Path(base.reports_dir) / "promotion.json"
+    out = paths.promotion
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     return record

@@ -54,7 +54,7 @@ def build_tiny_bert(folder: Path, num_labels: int | None = None) -> Path:
 
 def toy_raw(rows_per_class: int = 40):
     """The toy corpus as a raw dataset with int labels (names sorted), one train split."""
-    from bertshrink.sources import RawDataset
+    from bertshrink.data.sources import RawDataset
 
     frame = toy_corpus(rows_per_class)
     names = sorted(frame["label"].unique())
@@ -65,8 +65,8 @@ def toy_raw(rows_per_class: int = 40):
 @pytest.fixture(scope="session")
 def prepared():
     """Seeded train/validation/test splits of a 90-row toy corpus (read-only; shared)."""
-    from bertshrink.data import prepare_splits
-    from bertshrink.params import DataParams
+    from bertshrink.data.prepare import prepare_splits
+    from bertshrink.config.params import DataParams
 
     return prepare_splits(toy_raw(30), DataParams(), seed=0)
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bertshrink.behaviour import (accuracy_by_class, accuracy_by_length, agreement, behaviour_report, bucket_names,
+from bertshrink.evaluation.behaviour import (accuracy_by_class, accuracy_by_length, agreement, behaviour_report, bucket_names,
                                   disagreement_table, length_bucket_edges, spread)
 
 

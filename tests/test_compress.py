@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bertshrink.compress import run_recipe
-from bertshrink.measure import TorchClassifier
-from bertshrink.modeling import read_model_meta
-from bertshrink.params import TeacherParams, parse_params
-from bertshrink.training import fine_tune
+from bertshrink.compression.recipe import run_recipe
+from bertshrink.evaluation.metrics import TorchClassifier
+from bertshrink.modelfolder.load import read_model_meta
+from bertshrink.config.params import TeacherParams, parse_params
+from bertshrink.training.finetune import fine_tune
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,8 @@ def test_factorized_student_can_be_fine_tuned(tmp_path, teacher, prepared):
 
 def test_qat_then_export_and_static_int8_end_to_end(tmp_path, teacher, prepared):
     """qat trains under fake quantization, export_onnx checks parity, static int8 records its calibration rows."""
-    from bertshrink.measure import OnnxClassifier, load_runner
-    from bertshrink.params import EvaluateParams
+    from bertshrink.evaluation.metrics import OnnxClassifier, load_runner
+    from bertshrink.config.params import EvaluateParams
 
     steps = [{"qat": {"method": "finetune", "epochs": 2, "learning_rate": 1e-3, "batch_size": 8}},
              {"export_onnx": {"parity_rows": 16}},
@@ -147,7 +147,7 @@ def test_quant_noise_benchmark_compares_three_students_under_every_quantization(
 
     import yaml
 
-    from bertshrink.data import write_prepared
+    from bertshrink.data.prepare import write_prepared
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import quant_noise
@@ -170,15 +170,15 @@ def test_quant_noise_benchmark_compares_three_students_under_every_quantization(
 
 
 def test_seeds_start_at_the_pipelines_own():
-    from bertshrink.repeats import seeds_for
+    from bertshrink.evaluation.repeats import seeds_for
 
     assert seeds_for(42, 3) == [42, 43, 44]
 
 
 def test_repeat_over_seeds_rebuilds_scores_and_cleans_up(teacher, prepared, tmp_path):
     """evaluate.seeds: the recipe rebuilt with other seeds, scored, summarised as mean and spread."""
-    from bertshrink.params import EvaluateParams
-    from bertshrink.repeats import repeat_over_seeds
+    from bertshrink.config.params import EvaluateParams
+    from bertshrink.evaluation.repeats import repeat_over_seeds
 
     fast = EvaluateParams(warmup_iterations=0, timed_iterations=1, batch_sizes=(1,), max_length=32)
     first = {"accuracy": 0.5, "macro_f1": 0.4, "agreement": 0.6}

@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bertshrink.data import load_prepared, normalize_text, prepare_splits, write_prepared
+from bertshrink.data.prepare import load_prepared, normalize_text, prepare_splits, write_prepared
 from bertshrink.errors import DataSourceError, MissingArtifactError, ModelSourceError
-from bertshrink.params import DataParams
-from bertshrink.sources import RawDataset, load_raw_dataset, resolve_model_source
+from bertshrink.config.params import DataParams
+from bertshrink.data.sources import RawDataset, load_raw_dataset, resolve_model_source
 from conftest import toy_corpus, toy_raw
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
-from bertshrink.distill import (
+from bertshrink.training.distill import (
     DistillConfig,
     attention_loss,
     count_parameters,
@@ -23,9 +23,9 @@ from bertshrink.distill import (
     labelled_cross_entropy,
     uniform_layer_map,
 )
-from bertshrink.modeling import load_tokenizer_and_classifier, read_model_meta
-from bertshrink.params import TeacherParams
-from bertshrink.training import fine_tune
+from bertshrink.modelfolder.load import load_tokenizer_and_classifier, read_model_meta
+from bertshrink.config.params import TeacherParams
+from bertshrink.training.finetune import fine_tune
 from conftest import build_tiny_bert, toy_corpus
 
 
@@ -267,7 +267,7 @@ def test_distill_into_narrower_student_trains_projections_not_saved(tmp_path, tr
 def test_distill_with_transfer_texts_trains_on_them(tmp_path, trained_teacher, prepared, monkeypatch):
     from dataclasses import replace
 
-    import bertshrink.distill as distill_module
+    import bertshrink.training.distill as distill_module
 
     with pytest.raises(ValueError, match="data.transfer_samples"):
         distill(trained_teacher, prepared, _quick(transfer=True, epochs=1), tmp_path / "s0", tmp_path / "w0")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from bertshrink import measure
-from bertshrink.floor import FLOOR_FILE, PassThroughTokenizer, save_floor, train_floor
-from bertshrink.params import EvaluateParams, FloorParams, parse_params
+from bertshrink.evaluation.floor import FLOOR_FILE, PassThroughTokenizer, save_floor, train_floor
+from bertshrink.config.params import EvaluateParams, FloorParams, parse_params
 from bertshrink.errors import ParamsError
 
 FAST = EvaluateParams(warmup_iterations=1, timed_iterations=3, batch_sizes=(1, 4), max_length=32)

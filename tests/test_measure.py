@@ -12,7 +12,7 @@ import torch
 
 from bertshrink import measure
 from bertshrink.errors import MissingArtifactError, ModelSourceError
-from bertshrink.params import EvaluateParams
+from bertshrink.config.params import EvaluateParams
 
 WORDS = "the a cat dog sat ran on mat fast slow big small red blue market stocks fell rose".split()
 NUM_LABELS = 3
@@ -168,7 +168,7 @@ def test_peak_memory_can_be_reset_between_models():
 
     import numpy as np
 
-    from bertshrink.measure import peak_memory_mb, reset_peak_memory
+    from bertshrink.evaluation.metrics import peak_memory_mb, reset_peak_memory
 
     if not sys.platform.startswith("linux"):
         pytest.skip("peak reset uses /proc")

@@ -15,12 +15,12 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from bertshrink import onnx_export, prune
-from bertshrink.calibration import CalibrationError, calibration_hash, select_calibration
-from bertshrink.measure import OnnxClassifier, TorchClassifier, load_runner
-from bertshrink.modeling import MODEL_META_FILE, save_model_folder
-from bertshrink.onnx_export import ONNX_FILE, OnnxExportError, OnnxParityError, export_onnx
-from bertshrink.params import EvaluateParams
-from bertshrink.quantize_onnx import (
+from bertshrink.data.calibration import CalibrationError, calibration_hash, select_calibration
+from bertshrink.evaluation.metrics import OnnxClassifier, TorchClassifier, load_runner
+from bertshrink.modelfolder.load import MODEL_META_FILE, save_model_folder
+from bertshrink.compression.onnx_export import ONNX_FILE, OnnxExportError, OnnxParityError, export_onnx
+from bertshrink.config.params import EvaluateParams
+from bertshrink.compression.quantize_onnx import (
     DEFAULT_KEEP_FP32_OP_TYPES,
     QuantizationError,
     int8_initializer_fraction,
@@ -28,7 +28,7 @@ from bertshrink.quantize_onnx import (
     quantize_int4_onnx,
     quantize_static_onnx,
 )
-from bertshrink.structure import load_classifier
+from bertshrink.modelfolder.structure import load_classifier
 from conftest import build_tiny_bert, toy_corpus
 
 MAX_LENGTH = 32

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bertshrink.errors import ModelSourceError, ParamsError
-from bertshrink.modeling import load_tokenizer_and_classifier
+from bertshrink.modelfolder.load import load_tokenizer_and_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from bertshrink.errors import ParamsError
-from bertshrink.params import Params, load_params, parse_params
+from bertshrink.config.params import Params, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -116,7 +116,7 @@ def test_pipeline_end_to_end(workdir, tiny_bert, toy_csv, prefect_server):
         client.get_model_version_by_alias("tiny-teacher", "champion")
 
     # the serve check loads the alias through MLflow and predicts what the evaluation predicted
-    from bertshrink.params import load_params
+    from bertshrink.config.params import load_params
     from flows.serve_check import serve_check_flow
 
     served = serve_check_flow(load_params(params_file), alias="challenger", rows=4)
@@ -145,9 +145,9 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    import bertshrink.compress as compress
+    import bertshrink.compression.recipe as compress
     from bertshrink.errors import CompressionError
-    from bertshrink.recipes import PruneFfnStep
+    from bertshrink.config.recipes import PruneFfnStep
     from flows.pipeline import pipeline_flow
 
     recipes = {"recipes": {
@@ -248,7 +248,7 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
     assert client.get_model_version_by_alias("tiny-teacher", "champion").version == challenger.version
 
     # a person moves champion (as in the MLflow UI); the pipeline's promote stage leaves it there
-    from bertshrink.params import load_params
+    from bertshrink.config.params import load_params
     from flows.promote import promote_by_hand, promote_flow
 
     teacher_version = client.get_model_version_by_alias("tiny-teacher", "teacher").version
@@ -269,7 +269,7 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
     assert sum(a == b for a, b in zip(served["served"], served["expected"])) >= 5
 
     # the stage flow alone (python -m flows.compress --recipe broken) ends in the same error
-    from bertshrink.params import load_params
+    from bertshrink.config.params import load_params
     from flows.compress import compress_flow
 
     with pytest.raises(CompressionError, match="broken: RuntimeError"):

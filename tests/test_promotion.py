@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bertshrink.promotion import (Candidate, Constraints, candidate_from_result, candidate_from_tags,
+from bertshrink.selection.promotion import (Candidate, Constraints, candidate_from_result, candidate_from_tags,
                                   champion_decision, check_manual_promotion, choose, improvement, violations)
 
 RULE = Constraints(min_retention=0.98, min_agreement=0.9, max_p95_ms=10.0, max_size_mb=50.0)

@@ -13,9 +13,9 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 from bertshrink import prune
 from bertshrink import quant_training as qt
 from bertshrink.errors import BertshrinkError
-from bertshrink.modeling import MODEL_META_FILE, save_model_folder
-from bertshrink.quantize_torch import MODES, UnsupportedQuantizationError, quantize_torch
-from bertshrink.structure import load_classifier
+from bertshrink.modelfolder.load import MODEL_META_FILE, save_model_folder
+from bertshrink.compression.quantize_torch import MODES, UnsupportedQuantizationError, quantize_torch
+from bertshrink.modelfolder.structure import load_classifier
 from conftest import build_tiny_bert, toy_corpus
 
 
@@ -277,7 +277,7 @@ def test_restructured_models_round_trip(tmp_path, source, encoded, mode):
 
 
 def test_evaluation_runner_loads_a_quantized_folder(quantized, encoded):
-    from bertshrink.measure import TorchClassifier
+    from bertshrink.evaluation.metrics import TorchClassifier
 
     runner = TorchClassifier(quantized["int8_dynamic"][0])
     assert runner.forward(encoded).shape == (encoded["input_ids"].shape[0], 3)

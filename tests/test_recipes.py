@@ -3,8 +3,8 @@
 import pytest
 
 from bertshrink.errors import ParamsError
-from bertshrink.params import parse_params
-from bertshrink.recipes import (DistillStep, DropLayersStep, PruneFfnStep, PruneHeadsStep, PruneVocabStep,
+from bertshrink.config.params import parse_params
+from bertshrink.config.recipes import (DistillStep, DropLayersStep, PruneFfnStep, PruneHeadsStep, PruneVocabStep,
                                 check_against_teacher)
 
 
@@ -73,7 +73,7 @@ def test_impossible_numbers_against_the_teacher_shape():
 
 
 def test_quantization_steps_parse_with_their_defaults():
-    from bertshrink.recipes import ExportOnnxStep, QatStep, QuantizeStep, QuantNoiseStep
+    from bertshrink.config.recipes import ExportOnnxStep, QatStep, QuantizeStep, QuantNoiseStep
 
     parsed = recipes({
         "baseline": ["export_onnx", {"quantize": {"mode": "dynamic"}}],
@@ -137,7 +137,7 @@ def test_vocabulary_of_a_factorised_student_may_be_pruned_after_distillation():
 
 
 def test_default_params_include_the_standard_baseline_and_a_combined_recipe():
-    from bertshrink.params import load_params
+    from bertshrink.config.params import load_params
 
     params = load_params()
     assert params.compress.baseline == "baseline-ort-int8"

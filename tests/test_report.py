@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from bertshrink.report import check_targets, markdown_table, pareto_front, report_rows, write_csv, write_plots
+from bertshrink.selection.report import check_targets, markdown_table, pareto_front, report_rows, write_csv, write_plots
 
 
 def result(name, accuracy, size, params, b1, b32, retention=None, agreement=None):

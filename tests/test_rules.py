@@ -2,7 +2,7 @@
 
 import math
 
-from bertshrink.rules import collapse_reason, reported_accuracy
+from bertshrink.selection.rules import collapse_reason, reported_accuracy
 
 
 def result(accuracy):
@@ -26,7 +26,7 @@ def test_unscored_or_missing_accuracy():
 def test_register_stage_keeps_a_collapsed_candidate_unregistered(tmp_path, monkeypatch):
     import json
 
-    from bertshrink.params import parse_params
+    from bertshrink.config.params import parse_params
     from flows.register import collapsed, keep_unregistered
 
     monkeypatch.chdir(tmp_path)

@@ -10,9 +10,9 @@ import torch
 from transformers import TrainerCallback
 
 from bertshrink.errors import TrainingError
-from bertshrink.modeling import load_tokenizer_and_classifier, read_model_meta
-from bertshrink.params import TeacherParams
-from bertshrink.training import _checkpoint_to_resume, fine_tune, fingerprint, layer_drop
+from bertshrink.modelfolder.load import load_tokenizer_and_classifier, read_model_meta
+from bertshrink.config.params import TeacherParams
+from bertshrink.training.finetune import _checkpoint_to_resume, fine_tune, fingerprint, layer_drop
 
 
 def tiny_params(tiny_bert, **kw) -> TeacherParams:
@@ -123,7 +123,7 @@ def _layer_skips(model, probability: float, calls: int) -> tuple[int, int]:
 
 
 def test_layerdrop_skips_layers_in_training_only(tiny_bert):
-    from bertshrink.structure import load_classifier
+    from bertshrink.modelfolder.structure import load_classifier
 
     torch.manual_seed(0)
     model = load_classifier(tiny_bert)
@@ -141,7 +141,7 @@ def test_layerdrop_skips_layers_in_training_only(tiny_bert):
 
 def test_teacher_training_applies_layerdrop(tmp_path, tiny_bert, prepared):
     """Same seed, same data: only LayerDrop differs, so the trained weights must differ."""
-    from bertshrink.structure import load_classifier
+    from bertshrink.modelfolder.structure import load_classifier
 
     runs = {p: fine_tune(prepared, tiny_params(tiny_bert, epochs=1, layerdrop=p), tmp_path / f"t{p}",
                          tmp_path / f"ckpt{p}", seed=0).model_dir for p in (0.0, 0.5)}

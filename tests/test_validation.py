@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from bertshrink.errors import DataValidationError
-from bertshrink.params import ValidateParams
-from bertshrink.validation import ValidationReport, assert_valid, run_validation
+from bertshrink.config.params import ValidateParams
+from bertshrink.data.validation import ValidationReport, assert_valid, run_validation
 
 LABELS = ["business", "sport", "tech"]
 PARAMS = ValidateParams(

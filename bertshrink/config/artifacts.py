@@ -1,0 +1,108 @@
+"""Where every artifact lives: the one place that turns the ``base`` section into paths.
+
+Stages pass model names and these paths between them, never objects. A model's name is its
+folder's name: ``teacher``, ``floor``, or the recipe that made the candidate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from bertshrink.config.params import BaseParams
+
+TEACHER = "teacher"
+FLOOR = "floor"
+CANDIDATES = "candidates"
+
+
+def read_json(path: Path) -> dict | None:
+    """A stage's JSON output, or None where that stage has not run (or failed)."""
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+
+
+def model_name(model_dir: Path | str) -> str:
+    """The name a model folder goes by in metrics, reports and the registry: its folder's name."""
+    return Path(model_dir).name
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Paths of every stage's inputs and outputs, under ``base``'s folders."""
+
+    base: BaseParams
+
+    # ------------------------------------------------------------------ data
+    @property
+    def prepared(self) -> Path:
+        return Path(self.base.prepared_dir)
+
+    @property
+    def validation_dir(self) -> Path:
+        return Path(self.base.reports_dir) / "validation"
+
+    @property
+    def validation_result(self) -> Path:
+        return self.validation_dir / "validation.json"
+
+    # ------------------------------------------------------------------ models
+    @property
+    def teacher(self) -> Path:
+        return Path(self.base.models_dir) / TEACHER
+
+    @property
+    def floor(self) -> Path:
+        return Path(self.base.models_dir) / FLOOR
+
+    def candidate(self, recipe: str) -> Path:
+        return Path(self.base.models_dir) / CANDIDATES / recipe
+
+    def model_dir(self, name: str) -> Path:
+        """The folder of the model called ``name``: the teacher, the floor, or a recipe's candidate."""
+        return {TEACHER: self.teacher, FLOOR: self.floor}.get(name) or self.candidate(name)
+
+    def is_teacher(self, model_dir: Path | str) -> bool:
+        return Path(model_dir) == self.teacher
+
+    def checkpoints(self, *parts: str) -> Path:
+        """Work folders for resumable training and recipe steps (``checkpoints/teacher``, ...)."""
+        return Path(self.base.checkpoints_dir).joinpath(*parts)
+
+    # ------------------------------------------------------------------ measurements
+    def metrics(self, name: str) -> Path:
+        return Path(self.base.metrics_dir) / f"{name}.json"
+
+    @property
+    def comparison(self) -> Path:
+        return Path(self.base.metrics_dir) / "comparison.json"
+
+    def predictions(self, name: str) -> Path:
+        """Test (and validation) class ids of one model, in split order: what agreement is computed from."""
+        return Path(self.base.reports_dir) / "predictions" / f"{name}.json"
+
+    def disagreements(self, name: str) -> Path:
+        return Path(self.base.reports_dir) / "disagreements" / f"{name}.csv"
+
+    # ------------------------------------------------------------------ records and reports
+    def registry_record(self, name: str) -> Path:
+        return Path(self.base.reports_dir) / "registry" / f"{name}.json"
+
+    def compress_steps(self, recipe: str) -> Path:
+        return Path(self.base.reports_dir) / "compress" / f"{recipe}.steps.json"
+
+    @property
+    def compress_summary(self) -> Path:
+        return Path(self.base.reports_dir) / "compress" / "summary.json"
+
+    @property
+    def promotion(self) -> Path:
+        return Path(self.base.reports_dir) / "promotion.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return Path(self.base.reports_dir) / "report"
+
+    @property
+    def pipeline_summary(self) -> Path:
+        return Path(self.base.reports_dir) / "pipeline_summary.md"

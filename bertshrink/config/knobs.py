@@ -1,0 +1,59 @@
+"""Knobs shared by several sections, each declared once and composed where it is needed.
+
+``TrainingKnobs`` is how anything trains (the teacher, and the finetune, distill, qat and
+quant_noise steps): the subset of transformers' ``TrainingArguments`` we expose. ``KdLossKnobs``
+is the soft-target loss shared by distillation and distilling quantization-aware steps.
+
+Sections that want other defaults (a recovery ``finetune`` step trains one epoch at a lower rate)
+say so in ``DEFAULTS``; the fields, types and ranges stay the ones declared here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+class Knobs(BaseModel):
+    """Base of every section and step: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainingKnobs(Knobs):
+    """How a model trains; ``auto`` precision = bf16/fp16 on GPU, fp32 on CPU."""
+
+    # Per-section defaults that differ from the fields' own (e.g. ``{"epochs": 1.0}``).
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    epochs: float = Field(2.0, gt=0.0, le=100.0)
+    learning_rate: float = Field(1e-4, gt=0.0, lt=1.0)    # small encoders (MiniLM) want more than BERT-base's 2e-5
+    batch_size: int = Field(16, ge=1, le=4096)
+    eval_batch_size: int = Field(64, ge=1, le=4096)
+    weight_decay: float = Field(0.01, ge=0.0, lt=1.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    logging_steps: int = Field(10, ge=1)
+    precision: Precision = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _section_defaults(cls, data: Any) -> Any:
+        if cls.DEFAULTS and isinstance(data, dict):
+            return {**cls.DEFAULTS, **data}
+        return data
+
+    def training_knobs(self) -> "TrainingKnobs":
+        """Just the training knobs of this section or step (what ``TrainingArguments`` is built from)."""
+        return TrainingKnobs(**{name: getattr(self, name) for name in TrainingKnobs.model_fields})
+
+
+class KdLossKnobs(Knobs):
+    """Hard-label cross-entropy and soft-target KL at a temperature (Hinton et al.; DistilBERT)."""
+
+    temperature: float = Field(2.0, gt=0.0, le=100.0)
+    alpha_ce: float = Field(0.5, ge=0.0)
+    alpha_kd: float = Field(0.5, ge=0.0)

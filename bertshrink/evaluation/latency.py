@@ -1,0 +1,158 @@
+"""Latency: seeded batches of real texts, warm-up, fixed threads, p50/p95; several models interleaved.
+
+Only the forward pass is timed (tokenization excluded). Importing this module has no side effects:
+torch threads are only changed inside measurements and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bertshrink.config.params import EvaluateParams
+from bertshrink.modelfolder.runners import open_model
+
+@contextlib.contextmanager
+def fixed_threads(threads: int) -> Iterator[None]:
+    """Use ``threads`` intra-op torch threads inside the block, then restore the old count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _draw(rng: np.random.Generator, texts: Sequence[str], n: int) -> list[str]:
+    # Without replacement when there are enough texts, so a batch holds n distinct examples.
+    idx = rng.choice(len(texts), size=n, replace=len(texts) < n)
+    return [texts[i] for i in idx]
+
+
+def sample_sequence_lengths(tokenizer, texts: Sequence[str], max_length: int, n: int,
+                            seed: int) -> list[int]:
+    """Token counts (special tokens included, truncated at ``max_length``) of ``n`` seeded draws."""
+    if not texts:
+        raise ValueError("no texts to sample sequence lengths from")
+    drawn = _draw(np.random.default_rng(seed), list(texts), n)
+    ids = tokenizer(drawn, truncation=True, max_length=max_length)["input_ids"]
+    return [len(x) for x in ids]
+
+
+def _encode_batch(runner, tokenizer, texts: Sequence[str], max_length: int):
+    return tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest",
+                     return_tensors=runner.return_tensors)
+
+
+def _time_once(runner, encoded) -> float:
+    """Milliseconds of one forward pass (tokenization excluded)."""
+    start = time.perf_counter()
+    runner.forward(encoded)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def time_forward(runner, tokenizer, texts: Sequence[str], batch_size: int, params: EvaluateParams,
+                 seed: int) -> tuple[list[float], list[int]]:
+    """Forward-pass times (ms) and padded sequence lengths of seeded batches of real texts.
+
+    Each batch is ``batch_size`` texts drawn from ``texts``, truncated at ``params.max_length``
+    and padded to its longest member, so sequence lengths follow the real data. Only the forward
+    pass is timed: tokenization is excluded. ``params.warmup_iterations`` batches run untimed
+    first (allocator and kernel warm-up). The same seed draws the same batches for every model.
+    """
+    if not texts:
+        raise ValueError("no texts to measure latency on")
+    texts = list(texts)
+    rng = np.random.default_rng(seed)
+    times_ms: list[float] = []
+    seq_lens: list[int] = []
+    with fixed_threads(params.threads):
+        for i in range(params.warmup_iterations + params.timed_iterations):
+            encoded = _encode_batch(runner, tokenizer, _draw(rng, texts, batch_size), params.max_length)
+            elapsed = _time_once(runner, encoded)
+            if i >= params.warmup_iterations:
+                times_ms.append(elapsed)
+                seq_lens.append(int(encoded["input_ids"].shape[1]))
+    return times_ms, seq_lens
+
+
+def latency_summary(times_ms: Sequence[float], seq_lens: Sequence[int], batch_size: int) -> dict:
+    """p50/p95/mean latency, throughput and the mean padded length of timed batches."""
+    mean_ms = float(np.mean(times_ms))
+    return {
+        "batch_size": batch_size,
+        "p50_ms": float(np.percentile(times_ms, 50)),
+        "p95_ms": float(np.percentile(times_ms, 95)),
+        "mean_ms": mean_ms,
+        "throughput_eps": batch_size / (mean_ms / 1000.0),
+        "mean_seq_len": float(np.mean(seq_lens)),
+        "iterations": len(times_ms),
+    }
+
+
+def measure_latency(runner, tokenizer, texts: Sequence[str], batch_size: int,
+                    params: EvaluateParams, seed: int) -> dict:
+    """Latency of ``runner.forward`` (see ``time_forward``), summarised."""
+    times_ms, seq_lens = time_forward(runner, tokenizer, texts, batch_size, params, seed)
+    return latency_summary(times_ms, seq_lens, batch_size)
+
+
+def compare_latency(model_dirs: Mapping[str, Path], texts: Sequence[str], params: EvaluateParams,
+                    seed: int = 0, runners: Mapping[str, Any] | None = None) -> dict[str, dict]:
+    """Latency of several models measured interleaved, batch by batch, so they share the machine's state.
+
+    On a shared machine the speed drifts by tens of percent over seconds to minutes; models timed
+    one after another absorb that drift into their ratios. Here every drawn batch is run by every
+    model, back to back, in an order that rotates with each batch. Returns
+    ``{name: {"batch_<b>": summary}}``. ``runners`` (name -> runner) skips loading, for tests.
+    """
+    runners = dict(runners) if runners is not None else {
+        name: open_model(Path(d), params.threads) for name, d in model_dirs.items()}
+    names = list(runners)
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no texts to measure latency on")
+    results: dict[str, dict] = {name: {} for name in names}
+    with fixed_threads(params.threads):
+        for batch_size in params.batch_sizes:
+            rng = np.random.default_rng(seed)
+            times = {name: [] for name in names}
+            lens = {name: [] for name in names}
+            for i in range(params.warmup_iterations + params.timed_iterations):
+                batch = _draw(rng, texts, batch_size)
+                for k in range(len(names)):
+                    name = names[(i + k) % len(names)]
+                    runner = runners[name]
+                    encoded = _encode_batch(runner, runner.tokenizer, batch, params.max_length)
+                    elapsed = _time_once(runner, encoded)
+                    if i >= params.warmup_iterations:
+                        times[name].append(elapsed)
+                        lens[name].append(int(encoded["input_ids"].shape[1]))
+            for name in names:
+                results[name][f"batch_{batch_size}"] = latency_summary(times[name], lens[name], batch_size)
+    return results
+
+
+def latency_texts(splits: Mapping[str, pd.DataFrame], eval_splits: Sequence[str] = ("validation", "test")) -> list[str]:
+    # Latency uses the real test texts; fall back to the last evaluated split.
+    name = "test" if "test" in splits else eval_splits[-1]
+    return splits[name]["text"].astype(str).tolist()
+
+
+def ratios(name: str, reference: str, latency: dict, sizes: dict) -> dict:
+    """``speedup_vs_<reference>`` per batch size and ``smaller_vs_<reference>`` (2.0 = twice as fast / small)."""
+    return {f"speedup_vs_{reference}": speedups(latency[name], latency[reference]),
+            f"smaller_vs_{reference}": sizes[reference] / sizes[name] if sizes[name] else None}
+
+
+def speedups(latency: dict, reference: dict) -> dict:
+    """Reference p50 / this model's p50 per batch size (2.0 = twice as fast)."""
+    return {key: reference[key]["p50_ms"] / value["p50_ms"] for key, value in latency.items()
+            if key in reference and value["p50_ms"] > 0}

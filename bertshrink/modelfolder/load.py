@@ -1,0 +1,140 @@
+"""Load a classifier: from any model source (to start training), or from one of our folders.
+
+``load_classifier`` restores what a standard config cannot express (pruned heads, FFN widths,
+factorised embeddings, torch quantization; see ``structure``). ``load_tokenizer_and_classifier``
+resolves a source (packaged, Hub, local folder) and gives it a head for the data's labels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from bertshrink.errors import ModelSourceError
+from bertshrink.modelfolder.files import CONFIG_FILE, SAFETENSORS_FILE, TORCH_WEIGHTS_FILE
+from bertshrink.modelfolder.sources import load_error_hint, resolve_model_source
+from bertshrink.modelfolder.structure import QUANT_KEY, apply_structure, is_restructured
+from bertshrink.modelfolder.torch_quant import prepare_quantized
+
+
+def _load_state_dict(model_dir: Path) -> dict:
+    """All tensors of a (possibly sharded) safetensors checkpoint, or of a quantized
+    ``pytorch_model.bin`` (torchao tensors; torchao registers them as safe to unpickle)."""
+    single = model_dir / SAFETENSORS_FILE
+    if single.is_file():
+        return load_file(single)
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file() and (model_dir / TORCH_WEIGHTS_FILE).is_file():
+        return torch.load(model_dir / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    if not index.is_file():
+        raise FileNotFoundError(f"No {SAFETENSORS_FILE} (or index, or {TORCH_WEIGHTS_FILE}) in {model_dir}.")
+    state = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(load_file(model_dir / shard))
+    return state
+
+
+def load_classifier(model_dir):
+    """A sequence classifier from ``model_dir``, restoring pruned heads / FFN widths /
+    factorised embeddings / torch quantization if recorded."""
+    model_dir = Path(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    if not is_restructured(config):
+        return AutoModelForSequenceClassification.from_pretrained(model_dir)
+    # Imported here: importing a transformers model class imports torchao (noisy) when it is installed.
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification(config)
+    apply_structure(model)
+    quantization = getattr(config, QUANT_KEY, None)
+    if quantization:
+        # Same quantize_ call / cast as when saving, so parameters take the stored types.
+        prepare_quantized(model, quantization["mode"])
+    state = _load_state_dict(model_dir)
+    # Non-persistent buffers (position_ids) are not saved; strict on everything else.
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = [k for k in missing if k not in buffers]
+    if missing or unexpected:
+        raise RuntimeError(f"Checkpoint in {model_dir} does not match its recorded structure: "
+                           f"missing {missing}, unexpected {unexpected}.")
+    return model.eval()
+
+
+def load_tokenizer(model_dir, max_length: int | None = None):
+    """The folder's tokenizer; ``max_length`` becomes its ``model_max_length`` (what users truncate at)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if max_length is not None:
+        tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def load_folder(model_dir):
+    """(model, tokenizer) of one of our PyTorch folders."""
+    return load_classifier(model_dir), load_tokenizer(model_dir)
+
+
+def is_restructured_folder(location) -> bool:
+    """A local folder whose config records pruned heads, FFN widths or factorised embeddings."""
+    config = Path(location) / CONFIG_FILE
+    return config.is_file() and is_restructured(json.loads(config.read_text()))
+
+
+def load_classifier_with_labels(location, num_labels: int | None = None):
+    """A classifier from a folder; a plain one gets a fresh head when ``num_labels`` differs from its own
+    (transformers' load report about the new head is expected, so it is quieted)."""
+    if is_restructured_folder(location):
+        return load_classifier(location)  # head/FFN-pruned: rebuilt from its recorded shapes
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
+        return AutoModelForSequenceClassification.from_pretrained(str(location), **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length: int):
+    """Tokenizer and a sequence classifier with ``len(label_names)`` outputs from ``spec``.
+
+    A fresh classification head is initialised when the source is a plain encoder (as the
+    packaged all-MiniLM-L6-v2 is); that is expected, so transformers' load report is quieted.
+    """
+    location = resolve_model_source(spec)
+    if is_restructured_folder(location):
+        return _load_restructured(location, label_names, max_length)
+    id2label = dict(enumerate(label_names))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            location,
+            num_labels=len(label_names),
+            id2label=id2label,
+            label2id={name: i for i, name in id2label.items()},
+            ignore_mismatched_sizes=True,  # a head fine-tuned for another label set is replaced
+        )
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"{load_error_hint(spec)}\nCause: {type(err).__name__}: {err}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # Downstream users (evaluation, MLflow pipelines) truncate at the length we trained with.
+    tokenizer.model_max_length = max_length
+    return tokenizer, model
+
+
+def _load_restructured(location: str, label_names: list[str], max_length: int):
+    """A restructured model keeps its head: the label set must be the one it was trained for."""
+    model = load_classifier(location)
+    if model.config.num_labels != len(label_names):
+        raise ModelSourceError(
+            f"{location} is a pruned classifier for {model.config.num_labels} labels; the data has "
+            f"{len(label_names)}. Start from an unpruned model for a new label set."
+        )
+    return load_tokenizer(location, max_length), model

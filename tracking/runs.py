@@ -1,0 +1,122 @@
+"""MLflow plumbing shared by the tasks: where to track, one run per stage, nested under a parent.
+
+Tracking defaults to ``sqlite:///mlflow.db`` with artifacts in ``mlruns/``; ``MLFLOW_TRACKING_URI``
+switches to a tracking server. Runs are addressed by id (``MlflowClient``), not through the
+fluent "active run", so Prefect's threads cannot mix them up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from bertshrink.config.params import RegistryParams
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACT_DIR = Path("mlruns")
+PARENT_RUN_ENV = "BERTSHRINK_PARENT_RUN_ID"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+def configure_tracking(registry: RegistryParams) -> str:
+    """Point MLflow at the tracking store and make sure the experiment exists; returns its id."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(registry.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        artifact_location = DEFAULT_ARTIFACT_DIR.resolve().as_uri()
+    return client.create_experiment(registry.experiment, artifact_location=artifact_location)
+
+
+def git_commit() -> str:
+    """HEAD's sha, with ``-dirty`` when the tree has uncommitted changes; ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+@contextmanager
+def stage_run(stage: str, registry: RegistryParams, parent_run_id: str | None = None) -> Iterator[str]:
+    """A run for one stage, nested under the pipeline's parent run when there is one.
+
+    The parent comes from the argument or ``BERTSHRINK_PARENT_RUN_ID``; a stage run alone (for
+    example from ``dvc repro``) gets a top-level run. A failing stage ends its run FAILED.
+    """
+    experiment_id = configure_tracking(registry)
+    parent_run_id = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
+    tags = {"bertshrink.stage": stage, "mlflow.source.git.commit": git_commit()}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=stage, tags=tags)
+    try:
+        yield run.info.run_id
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+@contextmanager
+def pipeline_run(registry: RegistryParams, run_name: str = "pipeline") -> Iterator[str]:
+    """The parent run of one pipeline execution."""
+    with stage_run(run_name, registry, parent_run_id=None) as run_id:
+        MlflowClient().set_tag(run_id, "bertshrink.pipeline", "true")
+        yield run_id
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log ``key -> value`` params; values are stringified (MLflow caps them at 6,000 chars)."""
+    client = MlflowClient()
+    for key, value in params.items():
+        text = json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
+        client.log_param(run_id, key, text[:6000])
+
+
+def log_metrics(run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
+    """Log the finite numeric entries of ``metrics``."""
+    client = MlflowClient()
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        client.log_metric(run_id, key.replace("@", "_"), float(value), step=step or 0)
+
+
+def log_history(run_id: str, history: list[dict[str, Any]]) -> None:
+    """Per-step training curves from ``Trainer.state.log_history``."""
+    for entry in history:
+        step = int(entry.get("step", 0))
+        log_metrics(run_id, {f"train.{k}": v for k, v in entry.items() if k not in ("step", "epoch")}, step=step)
+
+
+def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    path = Path(path)
+    client = MlflowClient()
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    elif path.is_file():
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value)[:5000])
