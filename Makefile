@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test repro bench sst2 quant-noise serve-check mlflow-ui clean
+.PHONY: install run test test-unit repro bench sst2 quant-noise serve-check mlflow-ui clean
 
 install: $(STAMP)
 
@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml requirements.lock
 run: install          ## the whole pipeline on params.yaml (MLflow parent run + Prefect flow)
 	$(PY) -m flows.pipeline
 
-test: install         ## the test suite (offline, ~minutes on 2 cores)
+test: install         ## the whole test suite (offline, ~minutes on 2 cores)
 	$(PY) -m pytest -q
+
+test-unit: install    ## the fast unit tests alone (no slow or end-to-end tests; under a minute)
+	$(PY) -m pytest -q -m "not slow and not e2e"
 
 bench: install        ## SST-2 benchmark (../shared/datasets/sst2, configs/sst2.yaml, ~70 min on 2 cores) -> BENCHMARKS.md
 	$(PY) -m flows.pipeline --params configs/sst2.yaml; status=$$?; \

@@ -31,7 +31,10 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
 from bertshrink.compression.recipe import run_recipe  # noqa: E402
 from bertshrink.data.prepare import load_prepared  # noqa: E402
-from bertshrink.evaluation.metrics import classification_metrics, load_runner, size_on_disk  # noqa: E402
+from bertshrink.config.artifacts import Artifacts  # noqa: E402
+from bertshrink.evaluation.metrics import classification_metrics  # noqa: E402
+from bertshrink.modelfolder.runners import open_model  # noqa: E402
+from bertshrink.modelfolder.size import size_on_disk  # noqa: E402
 from bertshrink.config.params import load_params  # noqa: E402
 from bertshrink.training.quant_training import round_weights_  # noqa: E402
 from bertshrink.compression.quantize_onnx import quantize_dynamic_onnx, quantize_int4_onnx  # noqa: E402
@@ -72,7 +75,7 @@ def training_recipes(args) -> dict[str, list | None]:
 
 
 def accuracy(model_dir: Path, test, evaluate, round_bits: int | None = None) -> float:
-    runner = load_runner(model_dir, evaluate)
+    runner = open_model(model_dir, evaluate.threads)
     if round_bits:
         round_weights_(runner.model, round_bits)
     predictions = runner.predict(test["text"].tolist(), evaluate.eval_batch_size, evaluate.max_length)
@@ -90,7 +93,7 @@ def build(name: str, steps: list, source: Path, prepared, params, args) -> Path:
 def study(args) -> dict:
     params = load_params(args.params)
     prepared = load_prepared(args.root / params.base.prepared_dir)
-    student = args.student or args.root / params.base.models_dir / "teacher"
+    student = args.student or args.root / Artifacts(params.base).teacher
     test, evaluate = prepared.splits["test"], params.evaluate
     rows = {}
     for variant, steps in training_recipes(args).items():

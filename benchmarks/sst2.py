@@ -19,10 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from the repository root
 
+from bertshrink.config.artifacts import Artifacts, read_json  # noqa: E402
 from bertshrink.config.params import load_params  # noqa: E402
-from bertshrink.selection.report import PLOTS, check_targets, markdown_table, report_rows  # noqa: E402
+from bertshrink.selection.report import PLOTS, check_targets, machine_line, markdown_table, report_rows  # noqa: E402
 from flows.report import report_names  # noqa: E402
-from tasks.report import load_results, machine_line, read_json, registry_cell  # noqa: E402
+from tasks.report import load_results, registry_cell  # noqa: E402
 from tracking.runs import git_commit  # noqa: E402
 
 TARGETS = {"min_retention": 0.98, "min_b1_speedup_vs_teacher": 6.0, "min_b1_speedup_vs_baseline": 2.0,
@@ -103,22 +104,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", default="BENCHMARKS.md")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    base = params.base
-    results = load_results(base, report_names(params))
+    paths = Artifacts(params.base)
+    results = load_results(paths, report_names(params))
     if not results:
-        sys.exit(f"bertshrink: no metrics in {base.metrics_dir}: run `make bench` (the pipeline on {args.params}) first.")
-    comparison = read_json(Path(base.metrics_dir) / "comparison.json")
-    promotion = read_json(Path(base.reports_dir) / "promotion.json")
+        sys.exit(f"bertshrink: no metrics in {params.base.metrics_dir}: run `make bench` (the pipeline on {args.params}) first.")
+    comparison = read_json(paths.comparison)
+    promotion = read_json(paths.promotion)
     rows = report_rows(results, comparison, params.compress.baseline)
     for r in rows:
-        r["registry"] = registry_cell(base, r["model"], promotion)
+        r["registry"] = registry_cell(paths, r["model"], promotion)
     champion = champion_name(promotion)
     row = next((r for r in rows if r["model"] == champion), None)
     checks = check_targets(row, TARGETS) if row else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plots = copy_plots(Path(base.reports_dir) / "report", out)
-    summary = Path(base.reports_dir) / "pipeline_summary.md"
+    plots = copy_plots(paths.report_dir, out)
+    summary = paths.pipeline_summary
     seconds = next((line.split(":", 1)[1].strip() for line in summary.read_text().splitlines()
                     if line.startswith("Pipeline wall time")), "unknown") if summary.is_file() else "unknown"
     machine = machine_line(results, comparison)

@@ -8,8 +8,8 @@ import os
 import sys
 from typing import Callable
 
-from bertshrink.errors import BertshrinkError
 from bertshrink.config.params import DEFAULT_PARAMS_FILE, Params, load_params
+from bertshrink.errors import BertshrinkError, ParamsError
 
 
 def quiet_libraries() -> None:
@@ -29,6 +29,23 @@ def model_dir_option(verb: str) -> Callable:
         parser.add_argument("--model-dir", dest="model_dirs", action="append", default=None,
                             help=f"model folder to {verb} (repeatable; default: the teacher)")
     return add
+
+
+def recipe_option(verb: str) -> Callable:
+    """``--recipe`` (repeatable, default: every recipe in params) for stages that act on recipes."""
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--recipe", dest="recipes", action="append", default=None,
+                            help=f"recipe to {verb} (repeatable; default: all in params.yaml compress.recipes)")
+    return add
+
+
+def selected_recipes(params: Params, names: list[str] | None) -> list[str]:
+    """``names`` (default: every recipe), or a ``ParamsError`` naming the unknown ones."""
+    unknown = [n for n in names or [] if n not in params.compress.recipes]
+    if unknown:
+        raise ParamsError(f"unknown recipe(s) {unknown}; params.yaml compress.recipes has: "
+                          f"{', '.join(params.compress.recipes) or 'none'}")
+    return list(names or params.compress.recipes)
 
 
 def parse_args(description: str, argv: list[str] | None = None, extra: Callable | None = None) -> argparse.Namespace:

@@ -15,7 +15,7 @@ from bertshrink.config.params import Params
 from bertshrink.config.recipes import check_against_config
 from bertshrink.errors import CompressionError, MissingArtifactError, ParamsError
 from bertshrink.modelfolder.files import CONFIG_FILE
-from flows._cli import run_stage
+from flows._cli import recipe_option, run_stage, selected_recipes
 from tasks.compress import compress_recipe
 from tracking.runs import stage_run
 
@@ -32,14 +32,6 @@ def recipes_that_cannot_apply(problems: list[str]) -> ParamsError:
     return ParamsError("Recipes that cannot apply to this teacher:\n  - " + "\n  - ".join(problems))
 
 
-def _selected(params: Params, names: list[str] | None) -> list[str]:
-    unknown = [n for n in names or [] if n not in params.compress.recipes]
-    if unknown:
-        raise ParamsError(f"unknown recipe(s) {unknown}; params.yaml compress.recipes has: "
-                          f"{', '.join(params.compress.recipes) or 'none'}")
-    return list(names or params.compress.recipes)
-
-
 @flow(name="compress")
 def compress_flow(params: Params, parent_run_id: str | None = None, recipes: list[str] | None = None,
                   raise_on_failure: bool = True) -> dict:
@@ -48,7 +40,7 @@ def compress_flow(params: Params, parent_run_id: str | None = None, recipes: lis
     With ``raise_on_failure`` (the CLI), any failed recipe ends in ``CompressionError`` after the
     others ran; the pipeline passes False, goes on with the successes and reports at the end.
     """
-    names = _selected(params, recipes)
+    names = selected_recipes(params, recipes)
     if names:
         problems = check_against_config(params.compress, _teacher_config(params))
         if problems:
@@ -75,10 +67,5 @@ def recipes_failed(failed: dict[str, str], attempted: int) -> CompressionError:
     return CompressionError(f"{len(failed)} of {attempted} recipe(s) failed (the others were kept):\n{lines}")
 
 
-def _recipe_arg(parser) -> None:
-    parser.add_argument("--recipe", dest="recipes", action="append", default=None,
-                        help="recipe to run (repeatable; default: all in params.yaml compress.recipes)")
-
-
 if __name__ == "__main__":
-    run_stage(compress_flow, __doc__, extra=_recipe_arg, cli_args=("recipes",))
+    run_stage(compress_flow, __doc__, extra=recipe_option("run"), cli_args=("recipes",))

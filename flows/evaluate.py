@@ -2,7 +2,7 @@
 
 from prefect import flow
 
-from bertshrink.config.artifacts import Artifacts, model_name
+from bertshrink.config.artifacts import Artifacts
 from bertshrink.config.params import Params
 from flows._cli import model_dir_option, run_stage
 from tasks.evaluate import evaluate_model_task
@@ -15,16 +15,8 @@ def evaluate_flow(params: Params, parent_run_id: str | None = None, model_dirs: 
     paths, results = Artifacts(params.base), []
     for model_dir in model_dirs or [str(paths.teacher)]:
         with stage_run("evaluate", params.registry, parent_run_id) as run_id:
-            results.append(evaluate_model_task(model_dir, params.evaluate, paths, params.base.seed, run_id,
-                                               recipe_of(params, model_dir)))
+            results.append(evaluate_model_task(model_dir, params.evaluate, paths, params.base.seed, run_id))
     return results
-
-
-def recipe_of(params: Params, model_dir: str):
-    """The recipe that made a candidate folder (for repeats over seeds); None for the teacher and the floor."""
-    if Artifacts(params.base).is_teacher(model_dir):
-        return None
-    return params.compress.recipes.get(model_name(model_dir))
 
 
 if __name__ == "__main__":

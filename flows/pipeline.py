@@ -31,6 +31,7 @@ from flows._cli import quiet_libraries
 from flows.compare import compare_flow
 from flows.compress import compress_flow, recipes_failed, recipes_that_cannot_apply
 from flows.evaluate import evaluate_flow
+from flows.evaluate_candidate import evaluate_candidate_flow
 from flows.floor import floor_flow
 from flows.prepare import prepare_flow
 from flows.promote import promote_flow
@@ -91,7 +92,7 @@ def evaluate_and_register_candidates(params: Params, parent: str, compressed: di
     results, registered, failed = [], [], dict(compressed["failed"])
     for candidate in compressed["succeeded"]:
         try:
-            results += evaluate_flow(params, parent, [candidate["model_dir"]])
+            results += evaluate_candidate_flow(params, parent, [candidate["recipe"]])
             registered += register_flow(params, parent, [candidate["model_dir"]])
         except Exception as err:  # one broken candidate must not stop the others
             failed[candidate["recipe"]] = f"evaluate/register: {type(err).__name__}: {err}"

@@ -11,14 +11,12 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from bertshrink.config.artifacts import TEACHER, Artifacts, model_name as name_of
 from bertshrink.config.params import EvaluateParams
-from bertshrink.config.recipes import Recipe
 from bertshrink.data.prepare import PreparedData, load_prepared
 from bertshrink.evaluation.behaviour import behaviour_report, disagreement_table
 from bertshrink.evaluation.latency import compare_latency, latency_texts, ratios
 from bertshrink.evaluation.machine import machine_info
 from bertshrink.evaluation.metrics import evaluate_model, flat_metrics
-from bertshrink.evaluation.repeats import repeat_over_seeds
-from bertshrink.modelfolder.meta import read_meta, read_meta_or_default
+from bertshrink.modelfolder.meta import read_meta_or_default
 from bertshrink.modelfolder.size import size_on_disk
 from tracking.runs import log_artifact, log_metrics, log_params, set_tags
 
@@ -54,13 +52,11 @@ def add_behaviour(result: dict, prepared: PreparedData, paths: Artifacts, model_
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)
-def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, paths: Artifacts, seed: int, run_id: str,
-                        recipe: Recipe | None = None) -> dict:
+def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, paths: Artifacts, seed: int, run_id: str) -> dict:
     """Accuracy, behaviour next to the teacher, size, latency and memory of one model folder.
 
     Writes ``metrics/<model>.json`` (+ MLflow), the predictions and the disagreements with the
-    teacher. With ``evaluate.seeds > 1`` and a ``recipe``, the recipe is rebuilt with the other
-    seeds and the accuracy's mean and spread are added under ``seeds``.
+    teacher (``tasks.repeats`` adds the spread over seeds for a recipe's candidate).
     """
     prepared = load_prepared(paths.prepared)
     model_name = name_of(model_dir)
@@ -68,8 +64,6 @@ def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, paths: Artifac
     result.update({"model": model_name, "evaluation_run_id": run_id, "data_content_hash": prepared.content_hash,
                    "format": read_meta_or_default(Path(model_dir)).format_label})
     result, disagreements = add_behaviour(result, prepared, paths, model_name)
-    if recipe is not None and evaluate.seeds > 1:
-        result["seeds"] = seed_spread(model_name, recipe, result, prepared, evaluate, paths, seed)
     predictions = paths.predictions(model_name)
     predictions.parent.mkdir(parents=True, exist_ok=True)
     predictions.write_text(json.dumps(result.pop("predictions")))
@@ -84,18 +78,6 @@ def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, paths: Artifac
     if disagreements is not None:
         log_artifact(run_id, disagreements, "disagreements")
     return result
-
-
-def seed_spread(model_name: str, recipe: Recipe, result: dict, prepared: PreparedData, evaluate: EvaluateParams,
-                paths: Artifacts, seed: int) -> dict:
-    """The recipe rebuilt with ``evaluate.seeds - 1`` more seeds; mean and spread of its test scores."""
-    test = result["metrics"]["test"]
-    first = {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
-             "agreement": result.get("behaviour", {}).get("agreement")}
-    teacher_predictions, _ = teacher_reference(paths, model_name, result)
-    max_length = int(read_meta(paths.teacher).max_length or evaluate.max_length)
-    return repeat_over_seeds(model_name, recipe, paths.teacher, prepared, paths.checkpoints("seeds", model_name),
-                             first, seed, evaluate.seeds, max_length, evaluate, teacher_predictions)
 
 
 @task(name="compare-latency", cache_policy=NO_CACHE)

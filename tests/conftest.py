@@ -31,22 +31,51 @@ def toy_corpus(rows_per_class: int = 40, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build_tiny_bert(folder: Path, num_labels: int | None = None) -> Path:
-    """A 2-layer, hidden-32 BERT with a WordPiece vocab of the toy corpus, saved to ``folder``."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
-
-    folder.mkdir(parents=True, exist_ok=True)
+def toy_vocab() -> list[str]:
+    """Special tokens, every toy-corpus word, and their characters (so most lowercase words tokenize)."""
     words = sorted({w for ws in TOPICS.values() for w in ws} | set(FILLER))
     chars = sorted({c for w in words for c in w})
-    vocab = SPECIAL_TOKENS + words + chars + [f"##{c}" for c in chars]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    # transformers 5 takes the WordPiece vocab as a dict (the v4 `vocab_file=` is ignored there).
-    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=37, max_position_embeddings=64, num_labels=num_labels or 2)
-    torch.manual_seed(0)
+    return SPECIAL_TOKENS + words + chars + [f"##{c}" for c in chars]
+
+
+def toy_tokenizer():
+    """A WordPiece tokenizer over ``toy_vocab`` (transformers 5 takes the vocab as a dict)."""
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(toy_vocab())}, do_lower_case=True)
+
+
+def tiny_bert_model(num_labels: int | None = 2, *, vocab_size: int | None = None, hidden: int = 32, layers: int = 2,
+                    heads: int = 2, intermediate: int = 37, dropout: float = 0.1, seed: int = 0):
+    """A random BERT classifier (``num_labels``) or bare encoder (``None``), seeded, in eval mode;
+    ``dropout=0`` makes training-mode forward passes deterministic.
+
+    The one model factory of the test suite: every test builds its tiny model here.
+    """
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    config = BertConfig(vocab_size=vocab_size or len(toy_vocab()), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=intermediate, max_position_embeddings=64,
+                        num_labels=num_labels or 2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(seed)
     model = BertForSequenceClassification(config) if num_labels else BertModel(config)
+    return model.eval()
+
+
+def build_tiny_bert(folder: Path, num_labels: int | None = None, *, meta: dict | None = None, **shape) -> Path:
+    """``tiny_bert_model(num_labels, **shape)`` and the toy tokenizer saved to ``folder``.
+
+    With ``meta`` the folder is written through the model-folder API with that metadata (as the
+    teacher stage writes it); without, it is a plain ``save_pretrained`` folder.
+    """
+    from bertshrink.modelfolder.meta import ModelMeta, save_model_folder
+
+    folder = Path(folder)
+    model, tokenizer = tiny_bert_model(num_labels, **shape), toy_tokenizer()
+    if meta is not None:
+        return save_model_folder(model, tokenizer, ModelMeta(**meta), folder)
+    folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from bertshrink.compression.recipe import run_recipe
-from bertshrink.evaluation.metrics import TorchClassifier
-from bertshrink.modelfolder.load import read_model_meta
 from bertshrink.config.params import TeacherParams, parse_params
-from bertshrink.training.finetune import fine_tune
+from bertshrink.modelfolder.load import load_folder
+from bertshrink.modelfolder.meta import read_meta
+from bertshrink.modelfolder.runners import OnnxClassifier, TorchClassifier, open_model
+from bertshrink.training.finetune import train_teacher
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def teacher(tmp_path_factory, tiny_bert, prepared):
     root = tmp_path_factory.mktemp("teacher")
     params = TeacherParams(model=str(tiny_bert), max_length=32, epochs=20, batch_size=8, learning_rate=3e-3,
                            warmup_ratio=0.0, save_steps=1000)
-    return fine_tune(prepared, params, root / "teacher", root / "ckpt", seed=0).model_dir
+    return train_teacher(prepared, params, root / "teacher", root / "ckpt", seed=0).model_dir
 
 
 def recipe(raw):
@@ -32,18 +33,26 @@ def test_two_step_recipe_prunes_then_recovers(tmp_path, teacher, prepared):
     assert records[0].parameters_after < records[0].parameters_before
     assert records[1].parameters_after == records[0].parameters_after  # fine-tuning keeps the shape
     candidate = tmp_path / "candidates" / "heads-50"
-    meta = read_model_meta(candidate)
-    assert meta["kind"] == "candidate" and meta["recipe"] == "heads-50"
-    assert [s["kind"] for s in meta["recipe_steps"]] == ["prune_heads", "finetune"]
-    assert meta["data_content_hash"] == prepared.content_hash
+    meta = read_meta(candidate)
+    assert meta.kind == "candidate" and meta.recipe == "heads-50"
+    assert [s["kind"] for s in meta.recipe_steps] == ["prune_heads", "finetune"]
+    assert meta.data_content_hash == prepared.content_hash
+    assert meta.label_names == prepared.label_names
     assert not (tmp_path / "work").exists()
     # the same evaluation runner loads the pruned candidate (one head per layer left)
     runner = TorchClassifier(candidate)
     assert [layer.attention.self.num_attention_heads for layer in runner.model.bert.encoder.layer] == [1, 1]
-    predictions = runner.predict(prepared.splits["test"]["text"].tolist(), 8, 32)
-    assert len(predictions) == len(prepared.splits["test"])
+    texts = prepared.splits["test"]["text"].tolist()
+    predictions = runner.predict(texts, 8, 32)
+    # the runner's class ids are the argmax of the saved model's own logits, one per test text
+    model, tokenizer = load_folder(candidate)
+    with torch.no_grad():
+        expected = model(**tokenizer(texts, truncation=True, max_length=32, padding=True,
+                                     return_tensors="pt")).logits.argmax(-1)
+    assert predictions.tolist() == expected.tolist()
+    assert set(predictions.tolist()) <= {0, 1, 2}
     # the teacher folder is untouched
-    assert read_model_meta(teacher)["kind"] == "teacher"
+    assert read_meta(teacher).kind == "teacher"
 
 
 def test_structural_recipe_keeps_in_corpus_predictions(tmp_path, teacher, prepared):
@@ -56,7 +65,7 @@ def test_structural_recipe_keeps_in_corpus_predictions(tmp_path, teacher, prepar
 
 
 def test_failing_step_leaves_no_candidate(tmp_path, teacher, prepared):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"Cannot drop layers \[0, 1\] of 2: at least one must go and one must stay"):
         run_recipe("bad", recipe([{"drop_layers": {"strategy": "explicit", "layers": [0, 1]}}]), teacher, prepared,
                    tmp_path / "bad", tmp_path / "work", 0, 32)
     assert not (tmp_path / "bad").exists()
@@ -107,21 +116,18 @@ def test_factorized_student_can_be_fine_tuned(tmp_path, teacher, prepared):
 
 def test_qat_then_export_and_static_int8_end_to_end(tmp_path, teacher, prepared):
     """qat trains under fake quantization, export_onnx checks parity, static int8 records its calibration rows."""
-    from bertshrink.evaluation.metrics import OnnxClassifier, load_runner
-    from bertshrink.config.params import EvaluateParams
-
     steps = [{"qat": {"method": "finetune", "epochs": 2, "learning_rate": 1e-3, "batch_size": 8}},
              {"export_onnx": {"parity_rows": 16}},
              {"quantize": {"mode": "static", "calibration": {"rows": 32, "method": "minmax"}}}]
     records = run_recipe("qat-int8", recipe(steps), teacher, prepared, tmp_path / "qat-int8", tmp_path / "work", 0, 32)
     assert [r.kind for r in records] == ["qat", "export_onnx", "quantize"]
     assert records[1].details["parity"]["agreement"] >= 0.995
-    meta = read_model_meta(tmp_path / "qat-int8")
-    calibration = meta["calibration"]
+    meta = read_meta(tmp_path / "qat-int8")
+    calibration = meta.calibration
     assert calibration["split"] == "train" and calibration["rows"] == 32 and len(calibration["row_ids"]) == 32
     assert set(calibration["row_ids"]) <= set(prepared.splits["train"].index)
-    assert meta["quantization"]["mode"] == "static" and meta["recipe"] == "qat-int8"
-    runner = load_runner(tmp_path / "qat-int8", EvaluateParams(threads=1))
+    assert meta.quantization["mode"] == "static" and meta.recipe == "qat-int8"
+    runner = open_model(tmp_path / "qat-int8", threads=1)
     assert isinstance(runner, OnnxClassifier)
     texts = prepared.splits["test"]["text"].tolist()
     agreement = (runner.predict(texts, 8, 32) == TorchClassifier(teacher).predict(texts, 8, 32)).mean()
@@ -134,10 +140,15 @@ def test_quant_noise_recipe_trains_and_torch_int8_quantizes(tmp_path, teacher, p
              {"quantize": {"backend": "torch", "mode": "int8_weight_only"}}]
     records = run_recipe("qn", recipe(steps), teacher, prepared, tmp_path / "qn", tmp_path / "work", 0, 32)
     assert [r.kind for r in records] == ["quant_noise", "quantize"]
-    meta = read_model_meta(tmp_path / "qn")
-    assert meta["quantization"]["backend"] == "torch" and meta["quantization"]["mode"] == "int8_weight_only"
+    meta = read_meta(tmp_path / "qn")
+    assert meta.quantization["backend"] == "torch" and meta.quantization["mode"] == "int8_weight_only"
+    assert meta.torch_quantized and meta.format_label == "pytorch int8_weight_only"
     runner = TorchClassifier(tmp_path / "qn")
-    assert len(runner.predict(prepared.splits["test"]["text"].tolist(), 8, 32)) == len(prepared.splits["test"])
+    texts = prepared.splits["test"]["text"].tolist()
+    predictions = runner.predict(texts, 8, 32)
+    assert set(predictions.tolist()) <= {0, 1, 2}
+    agreement = (predictions == TorchClassifier(teacher).predict(texts, 8, 32)).mean()
+    assert agreement >= 0.8  # trained with noise, then int8 weights: still mostly the teacher's answers
 
 
 def test_quant_noise_benchmark_compares_three_students_under_every_quantization(tmp_path, teacher, prepared):

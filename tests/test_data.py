@@ -8,10 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bertshrink.data.prepare import load_prepared, normalize_text, prepare_splits, write_prepared
-from bertshrink.errors import DataSourceError, MissingArtifactError, ModelSourceError
 from bertshrink.config.params import DataParams
-from bertshrink.data.sources import RawDataset, load_raw_dataset, resolve_model_source
+from bertshrink.data.prepare import load_prepared, normalize_text, prepare_splits, write_prepared
+from bertshrink.data.sources import RawDataset, load_raw_dataset
+from bertshrink.errors import DataSourceError, MissingArtifactError, ModelSourceError
+from bertshrink.modelfolder.sources import resolve_model_source
 from conftest import toy_corpus, toy_raw
 
 
@@ -91,7 +92,9 @@ def test_unreachable_hub_gives_offline_advice(monkeypatch):
 
 
 def test_model_sources(tmp_path):
-    assert (resolve_model_source("packaged:all-MiniLM-L6-v2") + "/config.json")
+    packaged = Path(resolve_model_source("packaged:all-MiniLM-L6-v2"))
+    assert (packaged / "config.json").is_file()
+    assert json.loads((packaged / "config.json").read_text())["num_hidden_layers"] == 6
     assert resolve_model_source("bert-base-uncased") == "bert-base-uncased"
     assert resolve_model_source("hub:prajjwal1/bert-tiny") == "prajjwal1/bert-tiny"
     with pytest.raises(ModelSourceError, match="does not exist"):

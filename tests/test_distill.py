@@ -6,27 +6,20 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from bertshrink.training.distill import (
-    DistillConfig,
-    attention_loss,
-    count_parameters,
-    distill,
-    embedding_mse_loss,
-    hidden_mse_loss,
-    init_student_from_teacher,
-    kd_logits_loss,
-    labelled_cross_entropy,
-    uniform_layer_map,
-)
-from bertshrink.modelfolder.load import load_tokenizer_and_classifier, read_model_meta
 from bertshrink.config.params import TeacherParams
-from bertshrink.training.finetune import fine_tune
-from conftest import build_tiny_bert, toy_corpus
+from bertshrink.config.recipes import DistillStep
+from bertshrink.modelfolder.meta import read_meta
+from bertshrink.modelfolder.size import count_parameters
+from bertshrink.training.distill import distill, init_student_from_teacher, uniform_layer_map
+from bertshrink.training.finetune import train_teacher
+from bertshrink.training.losses import (attention_loss, embedding_mse_loss, hidden_mse_loss, kd_logits_loss,
+                                        labelled_cross_entropy)
+from conftest import build_tiny_bert, tiny_bert_model, toy_corpus
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,8 +71,11 @@ def test_kd_loss_gradient_step_moves_student_towards_teacher():
 def test_cross_entropy_skips_unlabelled_rows():
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [5.0, -5.0]], requires_grad=True)
     labels = torch.tensor([0, -100, 1])
-    expected = F.cross_entropy(logits[[0, 2]], torch.tensor([0, 1]))
-    torch.testing.assert_close(labelled_cross_entropy(logits, labels), expected)
+    # row 0: -log(e^2 / (e^2 + 1)) = log(1 + e^-2) = 0.126928; row 2: -log(e^-5 / (e^5 + e^-5)) = 10 + log(1 + e^-10)
+    # = 10.0000454; row 1 is unlabelled, so the mean is over two rows: 5.0634867.
+    expected = (math.log1p(math.exp(-2.0)) + 10.0 + math.log1p(math.exp(-10.0))) / 2
+    assert labelled_cross_entropy(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert labelled_cross_entropy(logits, labels).item() == pytest.approx(5.0634867, rel=1e-6)
     only_transfer = labelled_cross_entropy(logits, torch.full((3,), -100))
     assert only_transfer.item() == 0.0
     only_transfer.backward()  # a batch of transfer texts alone still backpropagates (zero gradient)
@@ -96,7 +92,10 @@ def test_hidden_and_embedding_mse():
     noisy = h.clone()
     noisy[0, 3:] += 100.0
     assert hidden_mse_loss(noisy, h, attention_mask=mask).item() == 0.0
-    assert hidden_mse_loss(noisy, h).item() > 0
+    # unmasked, 2 of 10 positions are off by 100 in every dimension: 100^2 * 2/10 = 2000
+    assert hidden_mse_loss(noisy, h).item() == pytest.approx(2000.0, rel=1e-5)
+    # masked, the mean runs over the 8 real tokens: shifting all by 0.5 gives 0.25
+    assert hidden_mse_loss(h + 0.5, h, attention_mask=mask).item() == pytest.approx(0.25, rel=1e-5)
     # Different widths: a projection student 4 -> teacher 8, and gradients reach it.
     student = torch.randn(2, 5, 4, generator=g)
     proj = nn.Linear(4, 8)
@@ -116,6 +115,12 @@ def test_attention_loss():
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert attention_loss(attn, attn.clone(), mask).item() == 0.0
     assert attention_loss(attn, attn.flip(-1), mask).item() > 0
+    uniform, peaked = torch.full((1, 2, 3, 3), 1 / 3), torch.zeros(1, 2, 3, 3)
+    peaked[..., 0] = 1.0
+    # each row differs by (2/3)^2 + 2 * (1/3)^2 = 2/3 over 3 keys: a mean of 2/9
+    assert attention_loss(peaked, uniform).item() == pytest.approx(2 / 9, rel=1e-5)
+    # with the last token padding, only the 2x2 real (query, key) pairs count: (2/3)^2 + (1/3)^2 over 2 keys = 5/18
+    assert attention_loss(peaked, uniform, torch.tensor([[1, 1, 0]])).item() == pytest.approx(5 / 18, rel=1e-5)
     with pytest.raises(ValueError, match="student has 2 heads, teacher has 4"):
         attention_loss(attn[:, :2], attn)
 
@@ -125,8 +130,7 @@ def test_uniform_layer_map():
     assert uniform_layer_map(2, 6) == [2, 5]
     assert uniform_layer_map(6, 6) == list(range(6))
     assert uniform_layer_map(1, 4) == [3]
-    odd = uniform_layer_map(4, 6)
-    assert len(odd) == 4 and odd[-1] == 5 and odd == sorted(set(odd))
+    assert uniform_layer_map(4, 6) == [0, 2, 3, 5]
     with pytest.raises(ValueError, match="more layers than the teacher"):
         uniform_layer_map(7, 6)
     with pytest.raises(ValueError, match="n_student"):
@@ -135,26 +139,39 @@ def test_uniform_layer_map():
         uniform_layer_map(1, 0)
 
 
-def test_distill_config_validation():
-    assert DistillConfig(student_layers=2).temperature == 2.0
-    for bad, field in [(dict(temperature=0), "temperature"), (dict(alpha_kd=-1), "alpha_kd"),
-                       (dict(student_layers=0), "student_layers"), (dict(epochs=0), "epochs"),
-                       (dict(batch_size=0), "batch_size"), (dict(teacher_layers=[]), "teacher_layers"),
-                       (dict(two_stage=True), "two_stage"), (dict(learning_rate=2.0), "learning_rate"),
-                       (dict(student_layers=3, teacher_layers=[0, 1]), "student_layers")]:
-        with pytest.raises(ValueError, match=f"DistillConfig.{field}"):
-            DistillConfig(**bad)
+def test_distill_step_validation():
+    step = DistillStep(student_layers=2)
+    assert (step.temperature, step.alpha_ce, step.alpha_kd, step.epochs, step.learning_rate) == (2.0, 0.5, 0.5, 2.0, 1e-4)
+    assert step.layer_map is None and not step.two_stage and not step.transfer
+    for bad, message in [
+        (dict(temperature=0), "temperature\n  Input should be greater than 0"),
+        (dict(alpha_kd=-1), "alpha_kd\n  Input should be greater than or equal to 0"),
+        (dict(student_layers=0), "student_layers\n  Input should be greater than or equal to 1"),
+        (dict(epochs=0), "epochs\n  Input should be greater than 0"),
+        (dict(batch_size=0), "batch_size\n  Input should be greater than or equal to 1"),
+        (dict(teacher_layers=[]), "teacher_layers must be a non-empty list of layer indices >= 0 \\(got \\[\\]\\)"),
+        (dict(layer_map=[-1]), "layer_map must be a non-empty list of layer indices >= 0 \\(got \\[-1\\]\\)"),
+        (dict(teacher_layers=[1, 1]), "teacher_layers has repeats: \\[1, 1\\]"),
+        (dict(two_stage=True), "two_stage needs alpha_hidden, alpha_attention or alpha_embedding > 0 for stage 1"),
+        (dict(alpha_ce=0, alpha_kd=0), "at least one of alpha_ce, alpha_kd, alpha_hidden"),
+        (dict(learning_rate=2.0), "learning_rate\n  Input should be less than 1"),
+        (dict(student_layers=3, teacher_layers=[0, 1]), "give student_layers or teacher_layers, not both"),
+        (dict(seed=0), "seed\n  Extra inputs are not permitted"),  # seed and max_length are distill()'s arguments
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            DistillStep(**bad)
 
 
 # ------------------------------------------------------------------------------------ students
 
 
 def test_init_student_from_teacher(tmp_path):
-    folder = build_tiny_bert(tmp_path / "tiny", num_labels=3)
-    _, teacher = load_tokenizer_and_classifier(str(folder), ["a", "b", "c"], 32)
+    teacher = tiny_bert_model(3)
     student = init_student_from_teacher(teacher, [1])
     assert student.config.num_hidden_layers == 1 and teacher.config.num_hidden_layers == 2
     assert count_parameters(student) < count_parameters(teacher)
+    # one encoder layer at hidden 32, FFN 37: Q/K/V/O 4 * (32*32 + 32) + 2 LayerNorms 2 * 64 + FFN (32*37 + 37) + (37*32 + 32)
+    assert count_parameters(teacher) - count_parameters(student) == 4 * (32 * 32 + 32) + 2 * 64 + 32 * 37 + 37 + 37 * 32 + 32
     s_state, t_state = student.state_dict(), teacher.state_dict()
     for name, value in s_state.items():
         source = name.replace("encoder.layer.0.", "encoder.layer.1.")
@@ -178,14 +195,10 @@ def test_init_student_from_teacher(tmp_path):
 def trained_teacher(tmp_path_factory, prepared):
     """A 4-layer tiny BERT (toy vocab) fine-tuned to ~100% on the toy corpus."""
     root = tmp_path_factory.mktemp("distill")
-    encoder = build_tiny_bert(root / "encoder4")
-    config = BertConfig.from_pretrained(encoder)
-    config.num_hidden_layers = 4
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(encoder)
+    encoder = build_tiny_bert(root / "encoder4", layers=4)  # a bare encoder, as the packaged teacher source is
     params = TeacherParams(model=str(encoder), max_length=32, epochs=20, batch_size=8, learning_rate=3e-3,
                            warmup_ratio=0.0, logging_steps=50, save_steps=10_000)
-    result = fine_tune(prepared, params, root / "teacher", root / "teacher-ckpt", seed=0)
+    result = train_teacher(prepared, params, root / "teacher", root / "teacher-ckpt", seed=0)
     assert result.metrics["eval_accuracy"] >= 0.9
     return result.model_dir
 
@@ -198,22 +211,34 @@ def _predict(folder, texts):
         return model(**batch).logits.argmax(-1)
 
 
-def _quick(**kw) -> DistillConfig:
-    base = dict(student_layers=2, epochs=8, learning_rate=3e-3, batch_size=8, max_length=32, warmup_ratio=0.0,
-                logging_steps=5, seed=0, alpha_ce=0.5, alpha_kd=0.5, alpha_hidden=1.0, alpha_attention=1.0)
-    return DistillConfig(**{**base, **kw})
+def _quick(**kw) -> DistillStep:
+    base = dict(student_layers=2, epochs=8, learning_rate=3e-3, batch_size=8, warmup_ratio=0.0,
+                logging_steps=5, alpha_ce=0.5, alpha_kd=0.5, alpha_hidden=1.0, alpha_attention=1.0)
+    return DistillStep(**{**base, **kw})
+
+
+def _distill(teacher_dir, prepared, step: DistillStep, output_dir, work_dir, **kw):
+    return distill(teacher_dir, prepared, step, output_dir, work_dir, max_length=32, seed=0, **kw)
+
+
+def test_distill_needs_a_student_shape(tmp_path, trained_teacher, prepared):
+    with pytest.raises(ValueError, match="distill needs student_layers or teacher_layers"):
+        _distill(trained_teacher, prepared, DistillStep(), tmp_path / "student", tmp_path / "work")
+    with pytest.raises(ValueError, match=r"distill.teacher_layers \[0, 4\] has indices outside 0..3"):
+        _distill(trained_teacher, prepared, DistillStep(teacher_layers=[0, 4]), tmp_path / "student", tmp_path / "work")
+    assert not (tmp_path / "student").exists()
 
 
 def test_distill_student_agrees_with_trained_teacher(tmp_path, trained_teacher, prepared):
-    result = distill(trained_teacher, prepared, _quick(), tmp_path / "student", tmp_path / "work")
+    result = _distill(trained_teacher, prepared, _quick(), tmp_path / "student", tmp_path / "work")
     out = result.model_dir
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert not (tmp_path / "work").exists()
-    meta = read_model_meta(out)
-    assert meta["kind"] == "distilled" and meta["teacher_layers"] == [1, 3]
-    assert meta["label_names"] == prepared.label_names and meta["data_content_hash"] == prepared.content_hash
-    assert meta["parameters_after"] < meta["parameters_before"]
-    assert meta["distill"]["alpha_attention"] == 1.0 and meta["max_length"] == 32
+    meta = read_meta(out)
+    assert meta.kind == "distilled" and meta.teacher_layers == [1, 3] and meta.layer_map == [1, 3]
+    assert meta.label_names == prepared.label_names and meta.data_content_hash == prepared.content_hash
+    assert meta.parameters_after < meta.parameters_before and meta.seed == 0
+    assert meta.distill["alpha_attention"] == 1.0 and meta.distill["student_layers"] == 2 and meta.max_length == 32
     losses = [h["loss"] for h in result.history if "loss" in h]
     assert losses and all(math.isfinite(v) for v in losses)
     assert math.isfinite(result.metrics["train_loss"])
@@ -228,15 +253,10 @@ def test_distill_student_agrees_with_trained_teacher(tmp_path, trained_teacher, 
 
 def test_distill_into_narrower_student_trains_projections_not_saved(tmp_path, trained_teacher, prepared, monkeypatch):
     """A student_dir with a different width: W_h/W_e are learned, and absent from the saved model."""
-    from bertshrink import distill as distill_module
+    import bertshrink.training.distill as distill_module
 
-    config = BertConfig.from_pretrained(trained_teacher)
-    small = BertConfig(vocab_size=config.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=20, max_position_embeddings=64, num_labels=3)
-    torch.manual_seed(1)
-    from transformers import BertForSequenceClassification
-
-    BertForSequenceClassification(small).save_pretrained(tmp_path / "small")
+    small = dict(hidden=16, layers=2, heads=2, intermediate=20)  # the teacher's toy vocabulary, half its width
+    build_tiny_bert(tmp_path / "small", num_labels=3, seed=1, **small)
     seen = {}
     original = distill_module.DistillationTrainer.train
 
@@ -249,15 +269,17 @@ def test_distill_into_narrower_student_trains_projections_not_saved(tmp_path, tr
 
     monkeypatch.setattr(distill_module.DistillationTrainer, "train", spy)
     cfg = _quick(epochs=8, alpha_embedding=1.0, alpha_attention=0.5)
-    result = distill(trained_teacher, prepared, cfg, tmp_path / "student", tmp_path / "work",
-                     student_dir=tmp_path / "small")
+    result = _distill(trained_teacher, prepared, cfg, tmp_path / "student", tmp_path / "work",
+                      student_dir=tmp_path / "small")
     assert set(seen["before"]) == {"hidden.weight", "hidden.bias", "embedding.weight", "embedding.bias"}
     assert all(not torch.equal(seen["before"][k], seen["after"][k].cpu()) for k in seen["before"])
     assert set(seen["components"]) == {"ce", "kd", "hidden", "attention", "embedding"}
     saved = load_file(result.model_dir / "model.safetensors")
     assert not any(k.startswith(("hidden.", "embedding.")) or "projection" in k for k in saved)
-    assert set(saved) == set(BertForSequenceClassification(small).state_dict())
-    assert read_model_meta(result.model_dir)["teacher_layers"] is None
+    assert set(saved) == set(tiny_bert_model(3, **small).state_dict())
+    meta = read_meta(result.model_dir)
+    assert meta.teacher_layers is None and meta.layer_map == [1, 3]  # uniform map of 2 student onto 4 teacher layers
+    assert meta.student_dir == str(tmp_path / "small")
     # A randomly initialised, narrower student learns the teacher's decisions from distillation.
     texts = prepared.splits["train"]["text"]
     agree = (_predict(result.model_dir, texts) == _predict(trained_teacher, texts)).float().mean().item()
@@ -270,7 +292,7 @@ def test_distill_with_transfer_texts_trains_on_them(tmp_path, trained_teacher, p
     import bertshrink.training.distill as distill_module
 
     with pytest.raises(ValueError, match="data.transfer_samples"):
-        distill(trained_teacher, prepared, _quick(transfer=True, epochs=1), tmp_path / "s0", tmp_path / "w0")
+        _distill(trained_teacher, prepared, _quick(transfer=True, epochs=1), tmp_path / "s0", tmp_path / "w0")
     extra = toy_corpus(20, seed=9)[["text"]]  # texts the labelled splits do not have
     with_transfer = replace(prepared, transfer=extra)
     seen = {}
@@ -281,20 +303,22 @@ def test_distill_with_transfer_texts_trains_on_them(tmp_path, trained_teacher, p
         return seen["after"]
 
     monkeypatch.setattr(distill_module, "with_transfer_texts", spy)
-    result = distill(trained_teacher, with_transfer, _quick(transfer=True, alpha_ce=0.0, alpha_kd=1.0, epochs=2),
-                     tmp_path / "student", tmp_path / "work")
+    result = _distill(trained_teacher, with_transfer, _quick(transfer=True, alpha_ce=0.0, alpha_kd=1.0, epochs=2),
+                      tmp_path / "student", tmp_path / "work")
     train = seen["after"]
     assert len(train) == seen["before"] + len(extra)
     assert sorted(set(train["labels"][seen["before"]:])) == [-100]
     assert math.isfinite(result.metrics["train_loss"])
-    assert read_model_meta(result.model_dir)["transfer_rows"] == len(extra)
+    assert read_meta(result.model_dir).transfer_rows == len(extra) == 60
 
 
 def test_two_stage_runs(tmp_path, trained_teacher, prepared):
-    cfg = _quick(epochs=1, two_stage=True, teacher_layers=[0, 2], student_layers=None)
-    result = distill(trained_teacher, prepared, cfg, tmp_path / "student", tmp_path / "work")
+    # cut from teacher layers 0 and 2, but the intermediate losses learn from layers 1 and 3
+    cfg = _quick(epochs=1, two_stage=True, teacher_layers=[0, 2], student_layers=None, layer_map=[1, 3])
+    result = _distill(trained_teacher, prepared, cfg, tmp_path / "student", tmp_path / "work")
     stages = {h.get("stage") for h in result.history}
     assert stages == {"intermediate", "prediction"}
     assert "intermediate_train_loss" in result.metrics and math.isfinite(result.metrics["train_loss"])
-    assert read_model_meta(result.model_dir)["teacher_layers"] == [0, 2]
+    meta = read_meta(result.model_dir)
+    assert meta.teacher_layers == [0, 2] and meta.layer_map == [1, 3] and meta.distill["two_stage"] is True
     assert AutoModelForSequenceClassification.from_pretrained(result.model_dir).config.num_hidden_layers == 2

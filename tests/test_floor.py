@@ -7,10 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from bertshrink import measure
-from bertshrink.evaluation.floor import FLOOR_FILE, PassThroughTokenizer, save_floor, train_floor
 from bertshrink.config.params import EvaluateParams, FloorParams, parse_params
 from bertshrink.errors import ParamsError
+from bertshrink.evaluation.floor import save_floor, train_floor
+from bertshrink.evaluation.metrics import evaluate_model
+from bertshrink.modelfolder.files import FLOOR_FILE
+from bertshrink.modelfolder.floor_format import PassThroughTokenizer
+from bertshrink.modelfolder.runners import SklearnClassifier, open_model
 
 FAST = EvaluateParams(warmup_iterations=1, timed_iterations=3, batch_sizes=(1, 4), max_length=32)
 
@@ -33,7 +36,7 @@ def test_floor_picks_c_on_validation_and_writes_a_model_folder(floor_dir, prepar
 
 
 def test_floor_is_measured_like_the_teacher(floor_dir, prepared):
-    result = measure.evaluate_model(floor_dir, prepared.splits, FAST, seed=0)
+    result = evaluate_model(floor_dir, prepared.splits, FAST, seed=0)
     # keyword topics: a bag of words separates them
     assert result["metrics"]["test"]["accuracy"] >= 0.9
     assert result["size"]["files"][FLOOR_FILE] > 0 and result["size"]["total_bytes"] >= result["size"]["files"][FLOOR_FILE]
@@ -42,7 +45,8 @@ def test_floor_is_measured_like_the_teacher(floor_dir, prepared):
 
 
 def test_runner_featurises_inside_the_timed_forward(floor_dir, prepared):
-    runner = measure.load_runner(floor_dir, FAST)
+    runner = open_model(floor_dir, FAST.threads)
+    assert isinstance(runner, SklearnClassifier)
     texts = prepared.splits["test"]["text"].tolist()[:5]
     encoded = runner.tokenizer(texts, truncation=True, max_length=32, padding="longest", return_tensors="np")
     assert encoded["texts"] == texts  # raw texts reach forward(): TF-IDF is part of what is timed
@@ -50,7 +54,15 @@ def test_runner_featurises_inside_the_timed_forward(floor_dir, prepared):
     logits = runner.forward(encoded)
     assert logits.shape == (5, len(prepared.label_names))
     assert np.allclose(np.exp(logits).sum(axis=1), 1.0)
-    assert isinstance(PassThroughTokenizer().model_max_length, int)
+
+
+def test_pass_through_tokenizer_hands_whole_texts_on_with_a_word_count_shape():
+    texts = ["goal match team coach", "the market", "actor"]
+    encoded = PassThroughTokenizer()(texts, truncation=True, max_length=2, padding="longest", return_tensors="np")
+    # Not truncated at max_length: TF-IDF featurises the whole text inside the timed forward.
+    assert encoded["texts"] == texts
+    assert encoded["input_ids"].shape == (3, 4) and encoded["input_ids"].dtype == np.int64
+    assert PassThroughTokenizer()([])["input_ids"].shape == (0, 0)
 
 
 def test_bad_floor_params_are_rejected_by_name():

@@ -1,4 +1,5 @@
-"""Tests for bertshrink.measure on a tiny random BERT built in the test (no downloads)."""
+"""Tests for evaluation (metrics, latency, machine) and model-folder sizes and runners, on a tiny
+random BERT from the conftest factory (no downloads)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from bertshrink import measure
-from bertshrink.errors import MissingArtifactError, ModelSourceError
 from bertshrink.config.params import EvaluateParams
+from bertshrink.errors import MissingArtifactError, ModelSourceError
+from bertshrink.evaluation import latency, machine, metrics
+from bertshrink.modelfolder.runners import TorchClassifier, open_model
+from bertshrink.modelfolder.size import count_parameters, size_on_disk
+from conftest import FILLER, TOPICS, build_tiny_bert, tiny_bert_model
 
-WORDS = "the a cat dog sat ran on mat fast slow big small red blue market stocks fell rose".split()
+WORDS = sorted({w for ws in TOPICS.values() for w in ws} | set(FILLER))  # toy-corpus words: one token each
 NUM_LABELS = 3
 FAST = EvaluateParams(threads=1, batch_sizes=(1, 4), warmup_iterations=1, timed_iterations=5,
                       max_length=16, eval_batch_size=8)
@@ -22,21 +26,8 @@ FAST = EvaluateParams(threads=1, batch_sizes=(1, 4), warmup_iterations=1, timed_
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer, hidden-32 random BERT classifier and WordPiece tokenizer saved to a folder."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny")
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    # transformers 5 takes the WordPiece vocab as a dict (the v4 `vocab_file=` is ignored there).
-    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)})
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=37, max_position_embeddings=64,
-                        num_labels=NUM_LABELS)
-    model_dir = root / "model"
-    BertForSequenceClassification(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir
+    """The conftest tiny BERT (2 layers, hidden 32) with a 3-class head and the toy tokenizer."""
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny") / "model", num_labels=NUM_LABELS)
 
 
 def _frame(n: int, seed: int) -> pd.DataFrame:
@@ -52,15 +43,17 @@ def splits() -> dict[str, pd.DataFrame]:
 
 def test_classification_metrics_known_values():
     # Per class F1: class 0 = 0.5, class 1 = 0.8, class 2 = 2/3 -> macro 59/90.
-    result = measure.classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], 3)
+    result = metrics.classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], 3)
     assert result["accuracy"] == pytest.approx(4 / 6)
     assert result["macro_f1"] == pytest.approx(59 / 90)
     assert result["n"] == 6
 
 
 def test_classification_metrics_rejects_label_outside_model():
-    with pytest.raises(ValueError, match="outside"):
-        measure.classification_metrics([0, 3], [0, 1], 3)
+    with pytest.raises(ValueError, match="label 3 is outside the model's 3 classes"):
+        metrics.classification_metrics([0, 3], [0, 1], 3)
+    with pytest.raises(ValueError, match="3 labels but 2 predictions"):
+        metrics.classification_metrics([0, 1, 2], [0, 1], 3)
 
 
 def test_size_on_disk_counts_shipped_files_only(tiny_model, tmp_path):
@@ -71,7 +64,7 @@ def test_size_on_disk_counts_shipped_files_only(tiny_model, tmp_path):
     (model_dir / "training_args.bin").write_bytes(b"x" * 777)
     (model_dir / "bertshrink.json").write_text("{}")
 
-    size = measure.size_on_disk(model_dir)
+    size = size_on_disk(model_dir)
 
     assert set(size["files"]) == {"config.json", "model.safetensors", "tokenizer.json",
                                   "tokenizer_config.json"}
@@ -80,14 +73,32 @@ def test_size_on_disk_counts_shipped_files_only(tiny_model, tmp_path):
     assert size["total_bytes"] > size["weights_bytes"]
 
 
-def test_count_parameters_matches_numel(tiny_model):
-    runner = measure.TorchClassifier(tiny_model)
-    expected = sum(p.numel() for p in runner.model.parameters())
-    assert measure.count_parameters(runner.model) == expected == runner.num_parameters()
+# Hand count for vocab 60, hidden 32, 2 layers, 2 heads, intermediate 37, 64 positions, 2 token types:
+#   embeddings  60*32 + 64*32 + 2*32 + LayerNorm 2*32        = 1920 + 2048 + 64 + 64      =  4096
+#   per layer   attention q, k, v, out 4*(32*32 + 32)        = 4224
+#               + LayerNorm 2*32                             =   64
+#               + FFN in 32*37 + 37, FFN out 37*32 + 32      = 1221 + 1216
+#               + LayerNorm 2*32                             =   64   -> 6789, two layers   = 13578
+#   pooler      32*32 + 32                                                                 =  1056
+#   encoder (BertModel)                                      4096 + 13578 + 1056           = 18730
+#   classifier  32*3 + 3                                                                   =    99
+#   classifier model                                         18730 + 99                    = 18829
+TINY_SHAPE = {"vocab_size": 60, "hidden": 32, "layers": 2, "heads": 2, "intermediate": 37}
+
+
+def test_count_parameters_known_value():
+    assert count_parameters(tiny_bert_model(None, **TINY_SHAPE)) == 18730
+    assert count_parameters(tiny_bert_model(NUM_LABELS, **TINY_SHAPE)) == 18829
+
+
+def test_runner_counts_the_parameters_of_the_folder(tmp_path):
+    folder = build_tiny_bert(tmp_path / "m", num_labels=NUM_LABELS, **TINY_SHAPE)
+    assert TorchClassifier(folder).num_parameters() == 18829
+    assert open_model(folder).num_parameters() == 18829
 
 
 def test_predict_shapes(tiny_model, splits):
-    runner = measure.TorchClassifier(tiny_model)
+    runner = TorchClassifier(tiny_model)
     texts = splits["test"]["text"].tolist()
     logits = runner.logits(texts, batch_size=7, max_length=16)
     assert logits.shape == (len(texts), NUM_LABELS)
@@ -95,11 +106,11 @@ def test_predict_shapes(tiny_model, splits):
 
 
 def test_measure_latency(tiny_model, splits):
-    runner = measure.TorchClassifier(tiny_model)
+    runner = TorchClassifier(tiny_model)
     texts = splits["test"]["text"].tolist()
     threads_before = torch.get_num_threads()
 
-    result = measure.measure_latency(runner, runner.tokenizer, texts, 4, FAST, seed=0)
+    result = latency.measure_latency(runner, runner.tokenizer, texts, 4, FAST, seed=0)
 
     assert torch.get_num_threads() == threads_before
     assert result["batch_size"] == 4
@@ -110,16 +121,16 @@ def test_measure_latency(tiny_model, splits):
 
 
 def test_sample_sequence_lengths_seeded_and_truncated(tiny_model, splits):
-    runner = measure.TorchClassifier(tiny_model)
+    runner = TorchClassifier(tiny_model)
     texts = splits["test"]["text"].tolist()
-    lengths = measure.sample_sequence_lengths(runner.tokenizer, texts, 16, n=50, seed=3)
+    lengths = latency.sample_sequence_lengths(runner.tokenizer, texts, 16, n=50, seed=3)
     assert len(lengths) == 50
     assert all(3 <= n <= 16 for n in lengths)  # [CLS] word [SEP] at least
-    assert lengths == measure.sample_sequence_lengths(runner.tokenizer, texts, 16, 50, 3)
+    assert lengths == latency.sample_sequence_lengths(runner.tokenizer, texts, 16, 50, 3)
 
 
 def test_evaluate_model_and_flat_metrics(tiny_model, splits):
-    result = measure.evaluate_model(tiny_model, splits, FAST, seed=0)
+    result = metrics.evaluate_model(tiny_model, splits, FAST, seed=0)
 
     assert set(result) == {"model_dir", "metrics", "predictions", "parameters", "size", "latency",
                            "peak_memory_mb", "peak_memory_scope", "memory_baseline_mb",
@@ -134,7 +145,7 @@ def test_evaluate_model_and_flat_metrics(tiny_model, splits):
     assert set(result["latency"]) == {"batch_1", "batch_4"}
     assert result["peak_memory_mb"] > 0
 
-    flat = measure.flat_metrics(result)
+    flat = metrics.flat_metrics(result)
     for key in ("test.accuracy", "validation.macro_f1", "latency.batch_1.p50_ms",
                 "latency.batch_4.throughput_eps", "size.total_bytes", "parameters",
                 "peak_memory_mb", "eval_seconds"):
@@ -144,18 +155,18 @@ def test_evaluate_model_and_flat_metrics(tiny_model, splits):
 
 def test_evaluate_model_missing_folder(tmp_path, splits):
     with pytest.raises(MissingArtifactError, match="flows.teacher") as err:
-        measure.evaluate_model(tmp_path / "nope", splits, FAST)
+        metrics.evaluate_model(tmp_path / "nope", splits, FAST)
     assert str(tmp_path / "nope") in str(err.value)
 
 
-def test_load_runner_rejects_unknown_folder(tmp_path):
+def test_open_model_rejects_unknown_folder(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelSourceError, match="Don't know how to run"):
-        measure.load_runner(tmp_path, FAST)
+        open_model(tmp_path, FAST.threads)
 
 
 def test_machine_info():
-    info = measure.machine_info(threads=2)
+    info = machine.machine_info(threads=2)
     assert info["torch"] == torch.__version__
     assert info["threads"] == 2
     assert {"avx2", "avx512_vnni", "amx_tile"} <= set(info["cpu_flags"])
@@ -166,17 +177,13 @@ def test_machine_info():
 def test_peak_memory_can_be_reset_between_models():
     import sys
 
-    import numpy as np
-
-    from bertshrink.evaluation.metrics import peak_memory_mb, reset_peak_memory
-
     if not sys.platform.startswith("linux"):
         pytest.skip("peak reset uses /proc")
     big = np.ones(400_000_000 // 8)  # ~400 MB touched
-    with_big = peak_memory_mb()
+    with_big = metrics.peak_memory_mb()
     del big
-    assert reset_peak_memory() is True
-    assert peak_memory_mb() < with_big - 200
+    assert metrics.reset_peak_memory() is True
+    assert metrics.peak_memory_mb() < with_big - 200
 
 
 def test_compare_latency_interleaves_models_on_the_same_batches(tiny_model, splits):
@@ -189,7 +196,7 @@ def test_compare_latency_interleaves_models_on_the_same_batches(tiny_model, spli
         """A real runner whose forward calls are logged (and, for "slow", delayed)."""
 
         def __init__(self, name):
-            self.name, self.inner = name, measure.TorchClassifier(tiny_model)
+            self.name, self.inner = name, TorchClassifier(tiny_model)
             self.tokenizer, self.return_tensors = self.inner.tokenizer, self.inner.return_tensors
 
         def forward(self, encoded):
@@ -200,7 +207,7 @@ def test_compare_latency_interleaves_models_on_the_same_batches(tiny_model, spli
 
     params = FAST.model_copy(update={"timed_iterations": 4, "warmup_iterations": 1, "batch_sizes": (2,)})
     runners = {"fast": Recorded("fast"), "slow": Recorded("slow")}
-    result = measure.compare_latency({}, splits["test"]["text"].tolist(), params, runners=runners)
+    result = latency.compare_latency({}, splits["test"]["text"].tolist(), params, runners=runners)
 
     fast, slow = result["fast"]["batch_2"], result["slow"]["batch_2"]
     assert fast["iterations"] == slow["iterations"] == 4

@@ -5,40 +5,35 @@ BERTs built in the test."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import onnx
 import pandas as pd
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer
 
-from bertshrink import onnx_export, prune
-from bertshrink.data.calibration import CalibrationError, calibration_hash, select_calibration
-from bertshrink.evaluation.metrics import OnnxClassifier, TorchClassifier, load_runner
-from bertshrink.modelfolder.load import MODEL_META_FILE, save_model_folder
-from bertshrink.compression.onnx_export import ONNX_FILE, OnnxExportError, OnnxParityError, export_onnx
-from bertshrink.config.params import EvaluateParams
+from bertshrink.compression import onnx_export, prune
+from bertshrink.compression.onnx_export import OnnxExportError, OnnxParityError, export_onnx
 from bertshrink.compression.quantize_onnx import (
     DEFAULT_KEEP_FP32_OP_TYPES,
-    QuantizationError,
     int8_initializer_fraction,
     quantize_dynamic_onnx,
     quantize_int4_onnx,
     quantize_static_onnx,
 )
-from bertshrink.modelfolder.structure import load_classifier
+from bertshrink.data.calibration import CalibrationError, calibration_hash, select_calibration
+from bertshrink.errors import MissingArtifactError, QuantizationError
+from bertshrink.modelfolder.files import META_FILE, ONNX_FILE
+from bertshrink.modelfolder.load import load_classifier
+from bertshrink.modelfolder.meta import ModelMeta, save_model_folder
+from bertshrink.modelfolder.runners import OnnxClassifier, TorchClassifier, open_model
 from conftest import build_tiny_bert, toy_corpus
 
 MAX_LENGTH = 32
-
-
-def classifier(vocab: int, hidden: int = 64, heads: int = 4, intermediate: int = 128) -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
-                        intermediate_size=intermediate, max_position_embeddings=64, num_labels=3)
-    return BertForSequenceClassification(config).eval()
+# hidden 64 / 4 heads / FFN 128: large enough for ORT's fusions and int8 kernels to apply.
+SHAPE = {"hidden": 64, "heads": 4, "intermediate": 128}
 
 
 def texts(n: int = 40, seed: int = 3) -> list[str]:
@@ -56,11 +51,8 @@ def onnx_logits(folder, batch: list[str]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A hidden-64 classifier folder (toy WordPiece tokenizer, bertshrink.json)."""
-    folder = build_tiny_bert(tmp_path_factory.mktemp("onnx") / "fp32", num_labels=3)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    save_model_folder(classifier(len(tokenizer)), tokenizer, {"kind": "teacher", "label_names": ["a", "b", "c"]},
-                      folder)
-    return folder
+    return build_tiny_bert(tmp_path_factory.mktemp("onnx") / "fp32", num_labels=3,
+                           meta={"kind": "teacher", "label_names": ["a", "b", "c"]}, **SHAPE)
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +75,9 @@ def test_export_matches_torch_on_other_batch_and_sequence_sizes(source, exported
 
 def test_export_folder_is_self_contained_and_records_fusions(exported):
     folder, report = exported
-    assert {ONNX_FILE, "config.json", MODEL_META_FILE, "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert {ONNX_FILE, "config.json", META_FILE, "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert not list(folder.glob("*.data")) and not list(folder.glob("*.safetensors"))
-    meta = json.loads((folder / MODEL_META_FILE).read_text())
+    meta = json.loads((folder / META_FILE).read_text())
     assert meta["kind"] == "teacher" and meta["format"] == "onnx" and meta["onnx"]["opset"] == 18
     assert report["optimized"] and report["exporter"] == "dynamo"
     # The fused graph holds ORT's contrib ops in place of the decomposed layer norms and GELUs.
@@ -101,10 +93,10 @@ def test_unoptimized_export_also_matches(source, tmp_path):
     assert report["parity"]["max_abs_diff"] <= 1e-3
 
 
-def restructured(tmp_path, source, transform) -> str:
+def restructured(tmp_path, source, transform) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = transform(load_classifier(source))
-    return save_model_folder(model, tokenizer, {"kind": "candidate"}, tmp_path / "pruned")
+    return save_model_folder(model, tokenizer, ModelMeta(kind="candidate"), tmp_path / "pruned")
 
 
 def test_head_and_ffn_pruned_model_exports_with_parity(source, tmp_path):
@@ -170,7 +162,7 @@ def test_failed_export_names_the_unsupported_operator(source, tmp_path):
 
 
 def test_export_of_missing_folder_says_what_to_do(tmp_path):
-    with pytest.raises(Exception, match="no config.json there"):
+    with pytest.raises(MissingArtifactError, match="no config.json there"):
         export_onnx(tmp_path / "nothing", tmp_path / "onnx", texts(4), MAX_LENGTH)
 
 
@@ -192,7 +184,7 @@ def test_dynamic_int8_has_int8_weights_and_a_smaller_file(exported, dynamic):
     assert int8_initializer_fraction(exported[0] / ONNX_FILE) == 0.0
     ops = onnx_export.op_counts(onnx.load(str(folder / ONNX_FILE)), top=None)
     assert ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulInteger", 0) >= 8
-    meta = json.loads((folder / MODEL_META_FILE).read_text())
+    meta = json.loads((folder / META_FILE).read_text())
     assert meta["quantization"]["mode"] == "dynamic" and meta["quantization"]["weight_type"] == "int8"
     assert meta["onnx"]["parity"]["agreement"] == 1.0  # the export report travels with the folder
 
@@ -210,20 +202,19 @@ def test_dynamic_int8_predicts_close_to_fp32(exported, dynamic):
     assert np.mean(want.argmax(-1) == got.argmax(-1)) >= 0.8
 
 
-def test_load_runner_picks_onnx_runtime_for_onnx_folders(source, dynamic):
-    params = EvaluateParams()
-    assert isinstance(load_runner(dynamic[0], params), OnnxClassifier)
-    assert isinstance(load_runner(source, params), TorchClassifier)
-    runner = load_runner(dynamic[0], params)
+def test_open_model_picks_onnx_runtime_for_onnx_folders(source, dynamic):
+    assert isinstance(open_model(source), TorchClassifier)
+    runner = open_model(dynamic[0], threads=1)
+    assert isinstance(runner, OnnxClassifier)
     assert runner.num_labels == 3
     # int8 tensors are counted: the quantized graph has as many weights as the torch model
     # minus the small classifier head's bias-free remainder.
-    torch_params = load_runner(source, params).num_parameters()
+    torch_params = open_model(source).num_parameters()
     assert 0.8 * torch_params < runner.num_parameters() <= torch_params
 
 
 def test_quantizing_a_torch_folder_asks_for_export_first(source, tmp_path):
-    with pytest.raises(Exception, match="Run export_onnx first"):
+    with pytest.raises(MissingArtifactError, match="Run export_onnx first"):
         quantize_dynamic_onnx(source, tmp_path / "q")
 
 

@@ -5,8 +5,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bertshrink.errors import ParamsError
+from pydantic import ValidationError
+
+from bertshrink.config.artifacts import Artifacts
 from bertshrink.config.params import Params, load_params, parse_params
+from bertshrink.errors import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,11 +20,25 @@ def test_shipped_params_parse_into_sections():
     assert params.data.source == "packaged:bbc-news"
     assert params.validate_.min_class_share == 0.02
     assert params.evaluate.batch_sizes == (1, 32)
-    assert params.base.teacher_dir == Path("models/teacher")
+    assert Artifacts(params.base).teacher == Path("models/teacher")
 
 
-def test_empty_file_gives_defaults():
-    assert parse_params({}) == Params()
+def test_empty_file_gives_the_documented_defaults():
+    params = parse_params({})
+    assert params.base.seed == 42 and params.base.models_dir == Path("models")
+    assert Artifacts(params.base).teacher == Path("models/teacher")
+    assert (params.data.source, params.data.validation_size, params.data.test_size) == ("packaged:bbc-news", 0.15, 0.15)
+    assert params.data.transfer_samples == 0 and params.data.split_names == {}
+    teacher = params.teacher
+    assert (teacher.model, teacher.max_length) == ("packaged:all-MiniLM-L6-v2", 128)
+    assert (teacher.epochs, teacher.learning_rate, teacher.batch_size, teacher.eval_batch_size) == (2.0, 1e-4, 16, 64)
+    assert (teacher.weight_decay, teacher.warmup_ratio, teacher.precision) == (0.01, 0.1, "auto")
+    assert (teacher.save_steps, teacher.resume, teacher.layerdrop) == (50, True, 0.0)
+    assert (params.validate_.min_train_rows, params.validate_.min_class_share) == (50, 0.02)
+    assert (params.evaluate.threads, params.evaluate.batch_sizes, params.evaluate.seeds) == (2, (1, 32), 1)
+    assert (params.registry.min_retention, params.registry.objective) == (0.98, "fastest")
+    assert params.compress.recipes == {} and params.compress.baseline == "baseline-ort-int8"
+    assert params.floor.c_values == (0.5, 2.0, 8.0, 32.0)
 
 
 def test_unknown_key_is_named_with_allowed_keys():
@@ -89,8 +106,9 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_sections_are_frozen():
     params = Params()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="epochs\n  Instance is frozen"):
         params.teacher.epochs = 5
+    assert params.teacher.epochs == 2.0
 
 
 def test_flat_dict_for_logging():

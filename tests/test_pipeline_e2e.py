@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.exceptions import MlflowException
 
 from bertshrink.errors import DataValidationError
+
+# Whole pipelines through Prefect and MLflow on a tiny BERT: minutes, not seconds.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def write_params(folder: Path, data_source: Path, model_dir: Path, **overrides) -> Path:
@@ -112,7 +116,7 @@ def test_pipeline_end_to_end(workdir, tiny_bert, toy_csv, prefect_server):
     promotion = json.loads((workdir / "reports/promotion.json").read_text())
     assert promotion["challenger"]["name"] == "teacher" and promotion["champion_moved"] is False
     assert client.get_model_version_by_alias("tiny-teacher", "challenger").version == version.version
-    with pytest.raises(Exception):
+    with pytest.raises(MlflowException, match="alias champion not found"):
         client.get_model_version_by_alias("tiny-teacher", "champion")
 
     # the serve check loads the alias through MLflow and predicts what the evaluation predicted
@@ -220,7 +224,7 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
     assert float(version.tags["metric.test.accuracy"]) == metrics["metrics"]["test"]["accuracy"]
     heads = client.get_model_version_by_alias("tiny-teacher", "heads")
     assert heads.tags["flavor"] == "pyfunc"
-    with pytest.raises(Exception):
+    with pytest.raises(MlflowException, match="alias broken not found"):
         client.get_model_version_by_alias("tiny-teacher", "broken")
     served = mlflow.pyfunc.load_model("models:/tiny-teacher@heads").predict(["goal match team coach league"])
     assert list(served.columns) == ["label", "score"] and served["label"][0] in ("film", "money", "sport")

@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from transformers.utils import logging as hf_logging
+from bertshrink.compression import prune
+from bertshrink.modelfolder.load import load_classifier
+from bertshrink.modelfolder.structure import FactorizedEmbedding
+from conftest import tiny_bert_model, toy_corpus, toy_tokenizer
 
-from bertshrink import prune, structure
-from conftest import build_tiny_bert, toy_corpus
-
-
-def wide_bert(layers: int = 4, heads: int = 4) -> BertForSequenceClassification:
-    """More layers and heads than the conftest model, for layer/head selection tests."""
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=37, max_position_embeddings=64, num_labels=3)
-    return BertForSequenceClassification(config).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    # An encoder-only folder: build_tiny_bert(num_labels=3) saves a 2-output head under a 3-label config.
-    return build_tiny_bert(tmp_path_factory.mktemp("prune") / "m")
+VOCAB = 60  # the wider models' vocabulary: ``random_inputs`` draws ids below it
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +23,14 @@ def texts():
 
 
 @pytest.fixture
-def tiny(tiny_dir):
-    torch.manual_seed(0)  # the classification head is freshly initialised
-    hf_logging.set_verbosity_error()
-    return AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=3).eval()
+def tiny():
+    """The default tiny classifier (toy vocabulary, 2 layers of 2 heads, FFN 37) with 3 labels."""
+    return tiny_bert_model(3)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return AutoTokenizer.from_pretrained(tiny_dir)
+def tokenizer():
+    return toy_tokenizer()
 
 
 def encode(tokenizer, texts):
@@ -61,7 +49,7 @@ def batches_of(tokenizer, texts, n=2):
 
 def random_inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 60, (3, 9), generator=g)
+    ids = torch.randint(5, VOCAB, (3, 9), generator=g)
     mask = torch.ones_like(ids)
     mask[0, 6:] = 0
     return {"input_ids": ids, "attention_mask": mask}
@@ -79,7 +67,7 @@ def test_drop_layer_strategies_pick_the_right_layers(strategy, expected):
 
 @pytest.mark.parametrize("strategy", ["top", "bottom", "alternate", "symmetric", [0, 2]])
 def test_drop_layers_removes_those_weights_and_round_trips(tmp_path, strategy):
-    model = wide_bert(layers=4)
+    model = tiny_bert_model(3, vocab_size=VOCAB, layers=4, heads=4)
     original = [layer.attention.self.query.weight.clone() for layer in model.bert.encoder.layer]
     model, report = prune.drop_layers(model, strategy, n_drop=2)
     kept = [i for i in range(4) if i not in report["dropped"]]
@@ -95,11 +83,11 @@ def test_drop_layers_removes_those_weights_and_round_trips(tmp_path, strategy):
 
 def test_drop_layers_refuses_all_layers_or_unknown_strategy():
     with pytest.raises(ValueError, match="4 of 4"):
-        prune.drop_layers(wide_bert(layers=4), "top", n_drop=4)
+        prune.drop_layers(tiny_bert_model(3, vocab_size=VOCAB, layers=4, heads=4), "top", n_drop=4)
     with pytest.raises(ValueError, match="middle_out"):
-        prune.drop_layers(wide_bert(layers=4), "middle_out", n_drop=1)
+        prune.drop_layers(tiny_bert_model(3, vocab_size=VOCAB, layers=4, heads=4), "middle_out", n_drop=1)
     with pytest.raises(ValueError, match="at least one must go"):
-        prune.drop_layers(wide_bert(layers=2), layers=[0, 1])
+        prune.drop_layers(tiny_bert_model(3, vocab_size=VOCAB, layers=2, heads=4), layers=[0, 1])
 
 
 # --------------------------------------------------------------------------- heads
@@ -112,7 +100,7 @@ def test_head_importance_shape_and_values(tiny, tokenizer, texts):
 
 
 def test_prune_heads_matches_gated_original_and_round_trips(tmp_path):
-    model = wide_bert(layers=2, heads=4)
+    model = tiny_bert_model(3, vocab_size=VOCAB, layers=2, heads=4)
     original = copy.deepcopy(model)
     to_prune = {0: [1, 3], 1: [0]}
     inputs = random_inputs()
@@ -126,14 +114,14 @@ def test_prune_heads_matches_gated_original_and_round_trips(tmp_path):
     assert model.bert.encoder.layer[1].attention.output.dense.in_features == 24
     assert torch.allclose(logits(model, inputs), expected, atol=1e-5)
     model.save_pretrained(tmp_path)
-    reloaded = structure.load_classifier(tmp_path)
+    reloaded = load_classifier(tmp_path)
     assert reloaded.bert.encoder.layer[1].attention.self.num_attention_heads == 3
     assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
 
 
 def test_prune_heads_keeps_one_head_per_layer():
     with pytest.raises(ValueError, match="at least one"):
-        prune.prune_heads(wide_bert(layers=2, heads=4), {0: [0, 1, 2, 3]})
+        prune.prune_heads(tiny_bert_model(3, vocab_size=VOCAB, layers=2, heads=4), {0: [0, 1, 2, 3]})
 
 
 def test_select_heads_ratio_count_and_scope():
@@ -145,8 +133,12 @@ def test_select_heads_ratio_count_and_scope():
     # Globally the weakest layer would lose all heads; its best one stays.
     lopsided = torch.tensor([[0.01, 0.02], [0.5, 0.6]])
     assert prune.select_heads(lopsided, count=2) == {0: [0], 1: [0]}
-    for bad in (dict(ratio=1.0), dict(count=8), dict(count=4, scope="per_layer")):
-        with pytest.raises(ValueError):
+    for bad, message in ((dict(ratio=1.0), r"Head ratio must be in \[0, 1\), got 1.0"),
+                         (dict(count=8), "Cannot prune 8 of 8 heads"),
+                         (dict(count=4, scope="per_layer"), "Cannot prune 4 of 4 heads in layer 0"),
+                         (dict(), "exactly one of ratio or count"),
+                         (dict(count=1, scope="by_layer"), "Unknown scope 'by_layer'")):
+        with pytest.raises(ValueError, match=message):
             prune.select_heads(importance, **bad)
 
 
@@ -179,19 +171,19 @@ def test_prune_ffn_matches_masked_original_and_round_trips(tmp_path, tiny, token
     assert report["params_after"] < report["params_before"]
     assert torch.allclose(logits(model, inputs), expected, atol=1e-5)
     model.save_pretrained(tmp_path)
-    reloaded = structure.load_classifier(tmp_path)
+    reloaded = load_classifier(tmp_path)
     assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
 
 
 def test_heads_then_ffn_then_layers_round_trip(tmp_path):
-    model = wide_bert(layers=3, heads=4)
+    model = tiny_bert_model(3, vocab_size=VOCAB, layers=3, heads=4)
     prune.prune_heads(model, {0: [0], 2: [1, 2]})
     prune.prune_ffn(model, 0.3)
     prune.drop_layers(model, layers=[1])
     assert model.config.bertshrink_heads_per_layer == [3, 2]
     inputs = random_inputs()
     model.save_pretrained(tmp_path)
-    assert torch.equal(logits(structure.load_classifier(tmp_path), inputs), logits(model, inputs))
+    assert torch.equal(logits(load_classifier(tmp_path), inputs), logits(model, inputs))
 
 
 # --------------------------------------------------------------------------- vocabulary
@@ -231,7 +223,7 @@ def test_factorize_embeddings_shrinks_and_round_trips(tmp_path, tiny, tokenizer,
     assert report["params_after"] < report["params_before"] and 0 < report["relative_error"] < 1
     assert not torch.allclose(logits(model, inputs), before)  # lossy by design
     model.save_pretrained(tmp_path)
-    assert torch.equal(logits(structure.load_classifier(tmp_path), inputs), logits(model, inputs))
+    assert torch.equal(logits(load_classifier(tmp_path), inputs), logits(model, inputs))
     with pytest.raises(ValueError, match="already"):
         prune.factorize_embeddings(model, rank=4)
 
@@ -242,11 +234,11 @@ def test_prune_vocab_of_factorised_embeddings_keeps_corpus_logits(tmp_path, tiny
     before = logits(model, inputs)
     model, new_tok, report = prune.prune_vocab(model, tokenizer, texts, output_dir=tmp_path)
     table = model.get_input_embeddings()
-    assert isinstance(table, structure.FactorizedEmbedding) and table.low.weight.shape == (report["vocab_after"], 8)
+    assert isinstance(table, FactorizedEmbedding) and table.low.weight.shape == (report["vocab_after"], 8)
     assert report["vocab_after"] < report["vocab_before"] and report["params_after"] < report["params_before"]
     new_inputs = encode(new_tok, texts)
     assert torch.equal(logits(model, new_inputs), before)
-    assert torch.equal(logits(structure.load_classifier(tmp_path), new_inputs), before)
+    assert torch.equal(logits(load_classifier(tmp_path), new_inputs), before)
 
 
 def test_factorize_embeddings_at_full_rank_is_exact(tiny, tokenizer, texts):
@@ -260,37 +252,35 @@ def test_factorize_embeddings_at_full_rank_is_exact(tiny, tokenizer, texts):
         prune.factorize_embeddings(untouched, rank=0)
 
 
-def test_factorized_and_head_pruned_models_export_to_onnx(tmp_path):
-    """Restructured models stay exportable: dynamic batch/sequence axes, same logits in ONNX Runtime."""
-    import warnings
+def test_factorized_and_head_pruned_models_export_to_onnx(tmp_path, tokenizer, texts):
+    """Restructured models stay exportable through the project's export: the parity check passes, the
+    graph has dynamic batch/sequence axes and gives the PyTorch logits on other shapes than exported."""
+    from bertshrink.compression.onnx_export import export_onnx
+    from bertshrink.modelfolder.meta import read_meta
+    from bertshrink.modelfolder.runners import OnnxClassifier, open_model
 
-    import numpy as np
-    import onnxruntime as ort
-
-    model = wide_bert(layers=2, heads=4)
+    model = tiny_bert_model(3, layers=2, heads=4)
     prune.prune_heads(model, {0: [1, 3]})
     prune.factorize_embeddings(model, rank=8)
-    export_inputs = random_inputs(seed=1)
-    path = tmp_path / "model.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(model, (export_inputs["input_ids"], export_inputs["attention_mask"]), str(path),
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                          dynamic_axes={name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask")},
-                          dynamo=False)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ids = torch.randint(5, 60, (4, 13), generator=torch.Generator().manual_seed(2))  # another shape than exported
-    mask = torch.ones_like(ids)
-    onnx_logits = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-    np.testing.assert_allclose(onnx_logits, logits(model, {"input_ids": ids, "attention_mask": mask}).numpy(),
-                               atol=1e-5, rtol=1e-4)
+    model.save_pretrained(tmp_path / "pruned")
+    tokenizer.save_pretrained(tmp_path / "pruned")
+    report = export_onnx(tmp_path / "pruned", tmp_path / "onnx", parity_texts=texts[:8], max_length=32)
+    assert report["parity"]["n"] == 8 and report["parity"]["agreement"] == 1.0
+    assert report["parity"]["max_abs_diff"] <= 1e-3
+    assert read_meta(tmp_path / "onnx").format == "onnx"
+    runner = open_model(tmp_path / "onnx")
+    assert isinstance(runner, OnnxClassifier)
+    other = texts[8:13]  # 5 texts: another batch size and padded length than the 2 exported with
+    encoded = tokenizer(other, padding=True, return_tensors="pt")
+    assert encoded["input_ids"].shape[0] == 5
+    np.testing.assert_allclose(runner.logits(other, 8, 32), logits(model, dict(encoded)).numpy(), atol=1e-4, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- unstructured
 
 
 def test_magnitude_prune_hits_target_with_real_zeros():
-    model = wide_bert(layers=2, heads=4)
+    model = tiny_bert_model(3, vocab_size=VOCAB, layers=2, heads=4)
     linears = prune.encoder_linears(model)
     model, report = prune.magnitude_prune(model, 0.6)
     assert abs(report["measured_sparsity"] - 0.6) < 0.01

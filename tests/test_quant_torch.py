@@ -8,28 +8,29 @@ import json
 import pytest
 import torch
 from torch.nn.utils import parametrize
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertForSequenceClassification
 
-from bertshrink import prune
-from bertshrink import quant_training as qt
-from bertshrink.errors import BertshrinkError
-from bertshrink.modelfolder.load import MODEL_META_FILE, save_model_folder
-from bertshrink.compression.quantize_torch import MODES, UnsupportedQuantizationError, quantize_torch
-from bertshrink.modelfolder.structure import load_classifier
-from conftest import build_tiny_bert, toy_corpus
+from bertshrink.compression import prune
+from bertshrink.compression.quantize_torch import quantize_torch
+from bertshrink.errors import BertshrinkError, QuantizationError
+from bertshrink.modelfolder.files import META_FILE, TORCH_QUANT_MODES
+from bertshrink.modelfolder.load import load_classifier
+from bertshrink.modelfolder.meta import ModelMeta, save_model_folder
+from bertshrink.modelfolder.runners import TorchClassifier
+from bertshrink.modelfolder.structure import encoder_linear_modules
+from bertshrink.modelfolder.torch_quant import UnsupportedQuantizationError
+from bertshrink.training import quant_training as qt
+from conftest import build_tiny_bert, tiny_bert_model, toy_corpus
 
-
-def small_bert(hidden: int = 32, layers: int = 2, heads: int = 2, intermediate: int = 37,
-               vocab: int = 60) -> BertForSequenceClassification:
-    """A random classifier without dropout, so training-mode forwards are deterministic."""
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=intermediate, max_position_embeddings=64, num_labels=3,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(config)
+VOCAB = 60  # random_batch draws ids below this
 
 
-def random_batch(seed: int = 0, vocab: int = 60) -> dict:
+def small_bert():
+    """The conftest tiny BERT (3 labels, vocab 60) with dropout off, so training-mode forwards are deterministic."""
+    return tiny_bert_model(3, vocab_size=VOCAB, dropout=0.0)
+
+
+def random_batch(seed: int = 0, vocab: int = VOCAB) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (4, 9), generator=g)
     mask = torch.ones_like(ids)
@@ -69,21 +70,27 @@ def test_fake_quantized_weight_has_few_levels_per_channel(bits, per_channel):
     assert ((q - w).abs() <= max_abs / (2 ** (bits - 1) - 1) / 2 + 1e-6).all()
 
 
-def test_bad_settings_raise_a_bertshrink_error():
+def test_bad_settings_raise_the_one_quantization_error():
     model = small_bert()
-    with pytest.raises(BertshrinkError, match=r"p must be in \[0, 1\]"):
+    with pytest.raises(QuantizationError, match=r"p must be in \[0, 1\], got 1.5"):
         with qt.quant_noise(model, p=1.5):
             pass
-    with pytest.raises(BertshrinkError, match="block_size"):
+    with pytest.raises(QuantizationError, match="block_size must be a positive integer"):
         with qt.quant_noise(model, block_size=0):
             pass
-    with pytest.raises(BertshrinkError, match="bits"):
+    with pytest.raises(QuantizationError, match="bits must be an integer between 2 and 16"):
         qt.fake_quantize(torch.ones(2, 2), bits=1)
+    with pytest.raises(QuantizationError, match=r"ema_decay must be in \(0, 1\)"):
+        with qt.quantization_aware(model, ema_decay=1.0):
+            pass
     with qt.quant_noise(model):  # stacking two weight quantizers is refused, and cleaned up
-        with pytest.raises(BertshrinkError, match="already have a weight parametrization"):
+        with pytest.raises(QuantizationError, match="already have a weight parametrization"):
             with qt.quantization_aware(model):
                 pass
     assert no_quantization_left(model)
+    # One error class for every quantization step: a compression failure (exit code 8) and a ValueError.
+    assert issubclass(QuantizationError, BertshrinkError) and issubclass(QuantizationError, ValueError)
+    assert QuantizationError.exit_code == 8
 
 
 # --------------------------------------------------------------------------- quant-noise
@@ -131,7 +138,7 @@ def test_qat_tracks_activation_ranges_in_training_and_freezes_them_in_eval():
     with qt.quantization_aware(model) as ranges:
         logits(model, random_batch(0))
         trained = ranges.as_dict()
-        assert len(trained) == len(qt.encoder_linear_modules(model)) == 12
+        assert len(trained) == len(encoder_linear_modules(model)) == 12
         model.eval()
         logits(model, random_batch(1))
         assert ranges.as_dict() == trained
@@ -171,7 +178,7 @@ def test_weight_quantization_error_orders_bit_widths_and_is_zero_on_the_grid():
     int8, int4 = qt.weight_quantization_error(model, 8), qt.weight_quantization_error(model, 4)
     assert 0 < int8 < int4 < 1
     with torch.no_grad():
-        for module in qt.encoder_linear_modules(model).values():
+        for module in encoder_linear_modules(model).values():
             module.weight.copy_(qt.quantize_dequantize(module.weight, 8))
     assert qt.weight_quantization_error(model, 8) < 1e-6
 
@@ -195,11 +202,9 @@ def test_round_weights_puts_encoder_weights_on_the_grid_and_leaves_the_rest():
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A hidden-64 classifier folder with the toy tokenizer and a bertshrink.json."""
-    folder = build_tiny_bert(tmp_path_factory.mktemp("quant") / "fp32", num_labels=3)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = small_bert(hidden=64, heads=4, intermediate=128, vocab=len(tokenizer)).eval()
-    save_model_folder(model, tokenizer, {"kind": "teacher", "label_names": ["a", "b", "c"]}, folder)
-    return folder
+    return build_tiny_bert(tmp_path_factory.mktemp("quant") / "fp32", num_labels=3,
+                           meta={"kind": "teacher", "label_names": ["a", "b", "c"]},
+                           hidden=64, heads=4, intermediate=128)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +217,7 @@ def encoded(source):
 def quantized(source, tmp_path_factory):
     """Every mode applied once to ``source``: ``{mode: (folder, report)}``."""
     root = tmp_path_factory.mktemp("quantized")
-    return {mode: (root / mode, quantize_torch(source, root / mode, mode)) for mode in MODES}
+    return {mode: (root / mode, quantize_torch(source, root / mode, mode)) for mode in TORCH_QUANT_MODES}
 
 
 def assert_logits_close(mode, got, want):
@@ -223,14 +228,14 @@ def assert_logits_close(mode, got, want):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-2 if mode == "fp16" else 5e-2)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", TORCH_QUANT_MODES)
 def test_quantized_folder_is_smaller_loads_and_predicts_like_fp32(quantized, source, encoded, mode):
     folder, report = quantized[mode]
     assert report["backend"] == "torch" and report["mode"] == mode
     assert report["library"].startswith("torchao 0.18" if mode.startswith("int8") else "torch ")
     assert report["quantized_linear_count"] >= 12
     assert report["bytes_after"] < 0.6 * report["bytes_before"]
-    meta = json.loads((folder / MODEL_META_FILE).read_text())
+    meta = json.loads((folder / META_FILE).read_text())
     assert meta["kind"] == "teacher" and meta["quantization"] == report
     model = load_classifier(folder)
     assert model.config.bertshrink_quantization == {"backend": "torch", "mode": mode}
@@ -244,7 +249,7 @@ def test_int8_modes_hold_int8_weights_about_4x_smaller(quantized, source, mode):
     from torchao.quantization import Int8Tensor
 
     model = load_classifier(quantized[mode][0])
-    linears = qt.encoder_linear_modules(model)
+    linears = encoder_linear_modules(model)
     assert all(isinstance(m.weight, Int8Tensor) and m.weight.qdata.dtype == torch.int8 for m in linears.values())
     fp32_bytes = sum(m.weight.numel() * 4 for m in linears.values())
     int8_bytes = sum(m.weight.qdata.nbytes + m.weight.scale.nbytes for m in linears.values())
@@ -266,7 +271,7 @@ def test_restructured_models_round_trip(tmp_path, source, encoded, mode):
     prune.prune_heads(model, {0: [1, 3], 1: [0]})
     prune.prune_ffn(model, 0.25)
     prune.factorize_embeddings(model, rank=16)
-    save_model_folder(model, tokenizer, {"kind": "candidate"}, tmp_path / "pruned")
+    save_model_folder(model, tokenizer, ModelMeta(kind="candidate"), tmp_path / "pruned")
     quantize_torch(tmp_path / "pruned", tmp_path / "q", mode)
     loaded = load_classifier(tmp_path / "q")
     assert loaded.config.bertshrink_heads_per_layer == [2, 3]
@@ -277,8 +282,6 @@ def test_restructured_models_round_trip(tmp_path, source, encoded, mode):
 
 
 def test_evaluation_runner_loads_a_quantized_folder(quantized, encoded):
-    from bertshrink.evaluation.metrics import TorchClassifier
-
     runner = TorchClassifier(quantized["int8_dynamic"][0])
     assert runner.forward(encoded).shape == (encoded["input_ids"].shape[0], 3)
 
@@ -286,6 +289,6 @@ def test_evaluation_runner_loads_a_quantized_folder(quantized, encoded):
 def test_unknown_or_repeated_quantization_is_a_clear_error(quantized, source, tmp_path):
     with pytest.raises(UnsupportedQuantizationError, match=r"'int4'.*int8_dynamic, int8_weight_only, fp16, bf16"):
         quantize_torch(source, tmp_path / "x", "int4")
-    with pytest.raises(BertshrinkError, match="already quantized"):
+    with pytest.raises(QuantizationError, match="is already quantized"):
         quantize_torch(quantized["fp16"][0], tmp_path / "y", "int8_dynamic")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

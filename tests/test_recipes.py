@@ -144,3 +144,110 @@ def test_default_params_include_the_standard_baseline_and_a_combined_recipe():
     assert [s.kind for s in params.compress.recipes["baseline-ort-int8"].steps] == ["export_onnx", "quantize"]
     assert params.compress.recipes["baseline-ort-int8"].steps[1].mode == "dynamic"
     assert [s.kind for s in params.compress.recipes["teacher-onnx"].steps] == ["export_onnx"]
+
+
+# ------------------------------------------------------------------ one schema per knob
+
+def _training_sections():
+    from bertshrink.config.params import TeacherParams
+    from bertshrink.config.recipes import FinetuneStep, QatStep, QuantNoiseStep
+
+    return (TeacherParams, DistillStep, FinetuneStep, QatStep, QuantNoiseStep)
+
+
+def test_every_training_section_declares_the_training_knobs_once():
+    from bertshrink.config.knobs import KdLossKnobs, TrainingKnobs
+
+    assert set(TrainingKnobs.model_fields) == {"epochs", "learning_rate", "batch_size", "eval_batch_size", "weight_decay",
+                                               "warmup_ratio", "gradient_accumulation_steps", "logging_steps",
+                                               "precision"}
+    for section in _training_sections():
+        assert issubclass(section, TrainingKnobs), section
+        for name, knob in TrainingKnobs.model_fields.items():
+            field = section.model_fields[name]
+            assert (field.annotation, field.metadata) == (knob.annotation, knob.metadata), (section, name)
+    # the soft-target loss is shared by distill and the distilling quantization-aware steps
+    from bertshrink.config.recipes import QatStep, QuantNoiseStep
+
+    for section in (DistillStep, QatStep, QuantNoiseStep):
+        assert issubclass(section, KdLossKnobs)
+        assert (section().temperature, section().alpha_ce, section().alpha_kd) == (2.0, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("knob, value, message", [
+    ("learning_rate", 2.0, "learning_rate\n  Input should be less than 1"),
+    ("learning_rate", 0.0, "learning_rate\n  Input should be greater than 0"),
+    ("epochs", 101, "epochs\n  Input should be less than or equal to 100"),
+    ("batch_size", 0, "batch_size\n  Input should be greater than or equal to 1"),
+    ("warmup_ratio", 1.0, "warmup_ratio\n  Input should be less than 1"),
+    ("gradient_accumulation_steps", 0, "gradient_accumulation_steps\n  Input should be greater than or equal to 1"),
+    ("precision", "int8", "precision\n  Input should be 'auto', 'fp32', 'fp16' or 'bf16'"),
+])
+def test_each_training_section_rejects_the_same_out_of_range_knob(knob, value, message):
+    from pydantic import ValidationError
+
+    for section in _training_sections():
+        with pytest.raises(ValidationError, match=message):
+            section(**{knob: value})
+
+
+@pytest.mark.parametrize("where", [
+    {"teacher": {"learning_rate": 2.0}},
+    {"compress": {"recipes": {"r1": [{"distill": {"learning_rate": 2.0}}]}}},
+    {"compress": {"recipes": {"r1": [{"finetune": {"learning_rate": 2.0}}]}}},
+    {"compress": {"recipes": {"r1": [{"qat": {"learning_rate": 2.0}}]}}},
+    {"compress": {"recipes": {"r1": [{"quant_noise": {"learning_rate": 2.0}}]}}},
+])
+def test_out_of_range_learning_rate_names_the_key_in_every_section(where):
+    key = "teacher" if "teacher" in where else f"compress.recipes.r1.steps.0.{next(iter(where['compress']['recipes']['r1'][0]))}"
+    with pytest.raises(ParamsError, match=f"{key}.learning_rate: Input should be less than 1 \\(got 2.0\\)"):
+        parse_params(where)
+
+
+def test_recovery_steps_train_shorter_than_the_teacher_and_distillation():
+    from bertshrink.config.params import TeacherParams
+    from bertshrink.config.recipes import FinetuneStep, QatStep, QuantNoiseStep
+
+    for section in (FinetuneStep, QatStep, QuantNoiseStep):
+        assert (section().epochs, section().learning_rate) == (1.0, 5e-5), section
+    for section in (TeacherParams, DistillStep):
+        assert (section().epochs, section().learning_rate) == (2.0, 1e-4), section
+    # a section's own defaults fill only what is not given; the other knobs keep the shared defaults
+    assert (FinetuneStep(epochs=3).epochs, FinetuneStep(epochs=3).learning_rate) == (3.0, 5e-5)
+    assert (QatStep(learning_rate=1e-3).epochs, QatStep(learning_rate=1e-3).learning_rate) == (1.0, 1e-3)
+    assert (FinetuneStep().batch_size, FinetuneStep().warmup_ratio, FinetuneStep().weight_decay) == (16, 0.1, 0.01)
+    # and parsed from YAML the same way
+    steps = recipes({"r1": [{"finetune": {}}, {"distill": {"student_layers": 2}}]}).recipes["r1"].steps
+    assert [(s.epochs, s.learning_rate) for s in steps] == [(1.0, 5e-5), (2.0, 1e-4)]
+
+
+def test_training_knobs_of_a_step_are_just_the_shared_knobs():
+    from bertshrink.config.knobs import TrainingKnobs
+    from bertshrink.config.recipes import QatStep
+
+    knobs = QatStep(epochs=3, batch_size=4, temperature=4.0).training_knobs()
+    assert type(knobs) is TrainingKnobs
+    assert (knobs.epochs, knobs.learning_rate, knobs.batch_size) == (3.0, 5e-5, 4)
+    as_distill = QatStep(epochs=3, temperature=4.0, alpha_ce=0.0, alpha_kd=1.0).as_distill_step()
+    assert (as_distill.epochs, as_distill.learning_rate, as_distill.temperature) == (3.0, 5e-5, 4.0)
+    assert as_distill.loss_weights() == {"ce": 0.0, "kd": 1.0, "hidden": 0.0, "attention": 0.0, "embedding": 0.0}
+
+
+def test_distill_step_checks_at_construction():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="two_stage needs alpha_hidden, alpha_attention or alpha_embedding > 0"):
+        DistillStep(two_stage=True)
+    with pytest.raises(ValidationError, match="two_stage needs alpha_ce or alpha_kd > 0 for stage 2"):
+        DistillStep(two_stage=True, alpha_hidden=1.0, alpha_ce=0.0, alpha_kd=0.0)
+    with pytest.raises(ValidationError, match="give student_layers or teacher_layers, not both"):
+        DistillStep(student_layers=3, teacher_layers=[0, 1, 2])
+    with pytest.raises(ValidationError, match="layer_map must be a non-empty list of layer indices >= 0"):
+        DistillStep(layer_map=[0, -1])
+    staged = DistillStep(two_stage=True, alpha_hidden=1.0, teacher_layers=[0, 2])
+    assert staged.loss_weights("intermediate") == {"ce": 0.0, "kd": 0.0, "hidden": 1.0, "attention": 0.0, "embedding": 0.0}
+    assert staged.loss_weights("prediction") == {"ce": 0.5, "kd": 0.5, "hidden": 0.0, "attention": 0.0, "embedding": 0.0}
+    assert staged.loss_weights() == {"ce": 0.5, "kd": 0.5, "hidden": 1.0, "attention": 0.0, "embedding": 0.0}
+    # the same rules in params.yaml, with the recipe and step named
+    with pytest.raises(ParamsError, match="compress.recipes.r1.steps.0.distill: Value error, two_stage needs"):
+        recipes({"r1": [{"distill": {"two_stage": True}}]})

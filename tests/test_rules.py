@@ -26,21 +26,24 @@ def test_unscored_or_missing_accuracy():
 def test_register_stage_keeps_a_collapsed_candidate_unregistered(tmp_path, monkeypatch):
     import json
 
+    from bertshrink.config.artifacts import Artifacts
     from bertshrink.config.params import parse_params
     from flows.register import collapsed, keep_unregistered
 
     monkeypatch.chdir(tmp_path)
     params = parse_params({"compress": {"max_accuracy_drop": 0.05}})
+    paths = Artifacts(params.base)
     metrics = tmp_path / "metrics"
     metrics.mkdir()
     (metrics / "teacher.json").write_text(json.dumps(result(0.95)))
     (metrics / "ok.json").write_text(json.dumps(result(0.93)))
     (metrics / "broken-int8.json").write_text(json.dumps(result(0.40)))
-    assert collapsed(params, params.base.teacher_dir) is None
-    assert collapsed(params, tmp_path / "models/candidates/ok") is None
-    reason = collapsed(params, tmp_path / "models/candidates/broken-int8")
+    assert collapsed(params, paths.teacher) is None
+    assert collapsed(params, paths.candidate("ok")) is None
+    reason = collapsed(params, paths.candidate("broken-int8"))
     assert reason and "0.5500 below" in reason
 
-    record = keep_unregistered(params, tmp_path / "models/candidates/broken-int8", reason)
+    record = keep_unregistered(params, paths.candidate("broken-int8"), reason)
     saved = json.loads((tmp_path / "reports/registry/broken-int8.json").read_text())
     assert saved == record and saved["registered"] is False and saved["collapsed"] is True
+    assert saved["alias"] == "broken-int8" and saved["model_dir"] == "models/candidates/broken-int8"

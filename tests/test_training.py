@@ -9,10 +9,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from bertshrink.errors import TrainingError
-from bertshrink.modelfolder.load import load_tokenizer_and_classifier, read_model_meta
+from bertshrink.config.knobs import TrainingKnobs
 from bertshrink.config.params import TeacherParams
-from bertshrink.training.finetune import _checkpoint_to_resume, fine_tune, fingerprint, layer_drop
+from bertshrink.errors import TrainingError
+from bertshrink.modelfolder.load import load_classifier, load_tokenizer_and_classifier
+from bertshrink.modelfolder.meta import read_meta
+from bertshrink.training.finetune import _checkpoint_to_resume, fine_tune, fingerprint, layer_drop, train_teacher
 
 
 def tiny_params(tiny_bert, **kw) -> TeacherParams:
@@ -32,12 +34,15 @@ class StopAtStep(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_fine_tune_saves_a_loadable_classifier(tmp_path, tiny_bert, prepared):
-    result = fine_tune(prepared, tiny_params(tiny_bert, epochs=10), tmp_path / "teacher", tmp_path / "ckpt", seed=0,
-                       extra_meta={"training_run_id": "abc"})
-    meta = read_model_meta(result.model_dir)
-    assert meta["label_names"] == prepared.label_names and meta["training_run_id"] == "abc"
-    assert meta["data_content_hash"] == prepared.content_hash
+def test_train_teacher_saves_a_loadable_classifier(tmp_path, tiny_bert, prepared):
+    params = tiny_params(tiny_bert, epochs=10)
+    result = train_teacher(prepared, params, tmp_path / "teacher", tmp_path / "ckpt", seed=0,
+                           extra_meta={"training_run_id": "abc"})
+    meta = read_meta(result.model_dir)
+    assert meta.kind == "teacher" and meta.source_model == str(tiny_bert) and meta.max_length == 32
+    assert meta.label_names == prepared.label_names and meta.training_run_id == "abc"
+    assert meta.data_content_hash == prepared.content_hash and meta.seed == 0
+    assert meta.params["epochs"] == 10.0 and meta.params["learning_rate"] == 3e-3 and meta.params["save_steps"] == 2
     assert (result.model_dir / "model.safetensors").is_file()
     assert result.metrics["eval_accuracy"] >= 0.8  # keyword topics: chance is 1/3
     assert any("loss" in entry for entry in result.history)
@@ -47,34 +52,39 @@ def test_fine_tune_saves_a_loadable_classifier(tmp_path, tiny_bert, prepared):
 
 
 def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, tiny_bert, prepared):
-    params = tiny_params(tiny_bert)
+    params = tiny_params(tiny_bert)  # save_steps=2, resume=True
     with pytest.raises(KeyboardInterrupt):
-        fine_tune(prepared, params, tmp_path / "teacher", tmp_path / "ckpt", seed=0, callbacks=[StopAtStep(5)])
+        train_teacher(prepared, params, tmp_path / "teacher", tmp_path / "ckpt", seed=0, callbacks=[StopAtStep(5)])
     assert not (tmp_path / "teacher").exists()  # nothing half-saved
     assert (tmp_path / "ckpt" / "checkpoint-4").is_dir()
-    result = fine_tune(prepared, params, tmp_path / "teacher", tmp_path / "ckpt", seed=0)
+    result = train_teacher(prepared, params, tmp_path / "teacher", tmp_path / "ckpt", seed=0)
     assert result.resumed_from.endswith("checkpoint-4")
     assert (tmp_path / "teacher" / "model.safetensors").is_file()
     assert not (tmp_path / "ckpt").exists()  # spent once the model is saved
 
 
 def test_checkpoints_of_other_params_are_not_resumed(tmp_path, tiny_bert, prepared):
+    def params(**kw) -> dict:
+        return tiny_params(tiny_bert, **kw).model_dump(mode="json")
+
     work = tmp_path / "ckpt"
-    old = fingerprint(tiny_params(tiny_bert), prepared.content_hash, 0)
+    old = fingerprint(params(), prepared.content_hash, 0)
+    assert len(old) == 16 and fingerprint(params(), prepared.content_hash, 0) == old  # deterministic
     _checkpoint_to_resume(work, old, resume=True)
     (work / "checkpoint-2").mkdir()
     (work / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    new = fingerprint(tiny_params(tiny_bert, learning_rate=1e-3), prepared.content_hash, 0)
+    assert _checkpoint_to_resume(work, old, resume=True).endswith("checkpoint-2")  # same run: resumed
+    new = fingerprint(params(learning_rate=1e-3), prepared.content_hash, 0)
     assert new != old
-    assert fingerprint(tiny_params(tiny_bert), "other-data-hash", 0) != old
-    assert fingerprint(tiny_params(tiny_bert), prepared.content_hash, 1) != old
+    assert fingerprint(params(), "other-data-hash", 0) != old
+    assert fingerprint(params(), prepared.content_hash, 1) != old
     assert _checkpoint_to_resume(work, new, resume=True) is None
     assert not (work / "checkpoint-2").exists()
     assert json.loads((work / "bertshrink-fingerprint.json").read_text())["fingerprint"] == new
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_model(tmp_path, tiny_bert, prepared, monkeypatch):
-    good = fine_tune(prepared, tiny_params(tiny_bert, epochs=1), tmp_path / "teacher", tmp_path / "ckpt", seed=0)
+    good = train_teacher(prepared, tiny_params(tiny_bert, epochs=1), tmp_path / "teacher", tmp_path / "ckpt", seed=0)
     before = (good.model_dir / "model.safetensors").read_bytes()
 
     from transformers import BertForSequenceClassification
@@ -89,16 +99,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_model(tmp_path, tiny_bert, prepa
 
     monkeypatch.setattr(BertForSequenceClassification, "forward", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at step 0"):
-        fine_tune(prepared, tiny_params(tiny_bert, epochs=1, learning_rate=1e-3), tmp_path / "teacher",
-                  tmp_path / "ckpt", seed=0)
+        train_teacher(prepared, tiny_params(tiny_bert, epochs=1, learning_rate=1e-3), tmp_path / "teacher",
+                      tmp_path / "ckpt", seed=0)
     assert (good.model_dir / "model.safetensors").read_bytes() == before
 
 
 def test_gpu_precision_on_cpu_is_refused(tmp_path, tiny_bert, prepared):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(TrainingError, match="needs a GPU"):
-        fine_tune(prepared, tiny_params(tiny_bert, precision="bf16"), tmp_path / "t", tmp_path / "c", seed=0)
+    with pytest.raises(TrainingError, match="precision=bf16 needs a GPU"):
+        train_teacher(prepared, tiny_params(tiny_bert, precision="bf16"), tmp_path / "t", tmp_path / "c", seed=0)
+    with pytest.raises(TrainingError, match="precision=fp16 needs a GPU"):
+        fine_tune(prepared, str(tiny_bert), TrainingKnobs(precision="fp16"), tmp_path / "t", tmp_path / "c", seed=0,
+                  max_length=32)
+    assert not (tmp_path / "t").exists()
 
 
 def _layer_skips(model, probability: float, calls: int) -> tuple[int, int]:
@@ -123,8 +137,6 @@ def _layer_skips(model, probability: float, calls: int) -> tuple[int, int]:
 
 
 def test_layerdrop_skips_layers_in_training_only(tiny_bert):
-    from bertshrink.modelfolder.structure import load_classifier
-
     torch.manual_seed(0)
     model = load_classifier(tiny_bert)
     model.train()
@@ -141,11 +153,38 @@ def test_layerdrop_skips_layers_in_training_only(tiny_bert):
 
 def test_teacher_training_applies_layerdrop(tmp_path, tiny_bert, prepared):
     """Same seed, same data: only LayerDrop differs, so the trained weights must differ."""
-    from bertshrink.modelfolder.structure import load_classifier
-
-    runs = {p: fine_tune(prepared, tiny_params(tiny_bert, epochs=1, layerdrop=p), tmp_path / f"t{p}",
-                         tmp_path / f"ckpt{p}", seed=0).model_dir for p in (0.0, 0.5)}
-    assert read_model_meta(runs[0.5])["params"]["layerdrop"] == 0.5
+    runs = {p: train_teacher(prepared, tiny_params(tiny_bert, epochs=1, layerdrop=p), tmp_path / f"t{p}",
+                             tmp_path / f"ckpt{p}", seed=0).model_dir for p in (0.0, 0.5)}
+    assert read_meta(runs[0.5]).params["layerdrop"] == 0.5
     plain, dropped = (load_classifier(runs[p]).state_dict() for p in (0.0, 0.5))
     key = "bert.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(plain[key], dropped[key])
+
+
+class CheckpointsAtTrainEnd(TrainerCallback):
+    """Records the checkpoint folders the work dir holds when training ends."""
+
+    def __init__(self, work_dir):
+        self.work_dir, self.seen = work_dir, None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seen = sorted(p.name for p in self.work_dir.glob("checkpoint-*"))
+
+
+def test_fine_tune_of_a_source_with_plain_knobs(tmp_path, tiny_bert, prepared):
+    """A recipe step's fine-tuning: a source folder and the training knobs, no checkpoints, no resume."""
+    knobs = TrainingKnobs(epochs=1, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1)
+    spy = CheckpointsAtTrainEnd(tmp_path / "work")
+    result = fine_tune(prepared, str(tiny_bert), knobs, tmp_path / "out", tmp_path / "work", 0, 32,
+                       extra_meta={"recipe": "r1"}, callbacks=[spy])
+    # NO_CHECKPOINTS: of 8 steps only the last is saved (transformers always saves at the end of training)
+    assert spy.seen == ["checkpoint-8"]
+    assert result.resumed_from is None and not (tmp_path / "work").exists()
+    meta = read_meta(result.model_dir)
+    assert meta.kind == "teacher" and meta.recipe == "r1" and meta.source_model == str(tiny_bert)
+    assert meta.max_length == 32 and meta.label_names == prepared.label_names
+    assert meta.params == knobs.model_dump(mode="json")
+    assert meta.params["epochs"] == 1.0 and "save_steps" not in meta.params
+    # one epoch of 60 rows in batches of 8
+    assert max(h.get("step", 0) for h in result.history) == 8
+    assert load_classifier(result.model_dir).config.num_labels == len(prepared.label_names)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bertshrink.errors import DataValidationError
 from bertshrink.config.params import ValidateParams
 from bertshrink.data.validation import ValidationReport, assert_valid, run_validation
+from bertshrink.errors import DataValidationError
 
 LABELS = ["business", "sport", "tech"]
 PARAMS = ValidateParams(
@@ -182,7 +182,7 @@ def test_data_docs_built(splits, tmp_path: Path):
 
 
 def test_import_is_light():
-    code = ("import sys, bertshrink.validation; "
+    code = ("import sys, bertshrink.data.validation; "
             "bad = [m for m in ('great_expectations', 'prefect', 'mlflow') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

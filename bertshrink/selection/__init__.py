@@ -1,0 +1,1 @@
+"""Selection: the collapse rule, the promotion rule, and the Pareto report."""
