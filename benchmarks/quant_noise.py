@@ -92,7 +92,7 @@ def build(name: str, steps: list, source: Path, prepared, params, args) -> Path:
 
 def study(args) -> dict:
     params = load_params(args.params)
-    prepared = load_prepared(args.root / params.base.prepared_dir)
+    prepared = load_prepared(args.root / Artifacts(params.base).prepared)
     student = args.student or args.root / Artifacts(params.base).teacher
     test, evaluate = prepared.splits["test"], params.evaluate
     rows = {}

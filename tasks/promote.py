@@ -57,7 +57,7 @@ def promote_task(registry: RegistryParams, paths: Artifacts, names: list[str], f
         move_alias(client, registry.model_name, CHAMPION_ALIAS, choice.chosen.version, decision.reason, "pipeline")
     record = {
         "model_name": registry.model_name, "objective": registry.objective,
-        "constraints": constraints.__dict__, "margin": registry.promote_margin, "auto_promote": registry.auto_promote,
+        "constraints": constraints.model_dump(), "margin": registry.promote_margin, "auto_promote": registry.auto_promote,
         "challenger": None if choice.chosen is None else {"name": choice.chosen.name, "version": choice.chosen.version},
         "reason": choice.reason, "eligible": list(choice.eligible), "rejected": choice.rejected,
         "champion_before": None if champion is None else {"name": champion.name, "version": champion.version,

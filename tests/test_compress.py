@@ -25,6 +25,7 @@ def recipe(raw):
     return next(iter(parse_params({"compress": {"recipes": {"r": raw}}}).compress.recipes.values()))
 
 
+@pytest.mark.slow
 def test_two_step_recipe_prunes_then_recovers(tmp_path, teacher, prepared):
     records = run_recipe("heads-50", recipe([{"prune_heads": {"ratio": 0.5, "importance_batches": 2}},
                                             {"finetune": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 8}}]),
@@ -71,6 +72,7 @@ def test_failing_step_leaves_no_candidate(tmp_path, teacher, prepared):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_drop_then_distill_recipe_end_to_end(tmp_path, teacher, prepared):
     """The two-step recipe of the issue: physically drop a layer, then distill the teacher into it."""
     steps = [{"drop_layers": {"strategy": "top", "n_drop": 1}},
@@ -114,6 +116,7 @@ def test_factorized_student_can_be_fine_tuned(tmp_path, teacher, prepared):
     assert model.bert.embeddings.word_embeddings.low.weight.shape[1] == 8
 
 
+@pytest.mark.slow
 def test_qat_then_export_and_static_int8_end_to_end(tmp_path, teacher, prepared):
     """qat trains under fake quantization, export_onnx checks parity, static int8 records its calibration rows."""
     steps = [{"qat": {"method": "finetune", "epochs": 2, "learning_rate": 1e-3, "batch_size": 8}},
@@ -135,6 +138,7 @@ def test_qat_then_export_and_static_int8_end_to_end(tmp_path, teacher, prepared)
     assert records[2].parameters_after == records[1].parameters_after  # int8 keeps the parameters
 
 
+@pytest.mark.slow
 def test_quant_noise_recipe_trains_and_torch_int8_quantizes(tmp_path, teacher, prepared):
     steps = [{"quant_noise": {"p": 0.5, "bits": 8, "epochs": 1, "learning_rate": 1e-3, "batch_size": 8}},
              {"quantize": {"backend": "torch", "mode": "int8_weight_only"}}]
@@ -151,6 +155,7 @@ def test_quant_noise_recipe_trains_and_torch_int8_quantizes(tmp_path, teacher, p
     assert agreement >= 0.8  # trained with noise, then int8 weights: still mostly the teacher's answers
 
 
+@pytest.mark.slow
 def test_quant_noise_benchmark_compares_three_students_under_every_quantization(tmp_path, teacher, prepared):
     import json
     import sys
@@ -186,6 +191,7 @@ def test_seeds_start_at_the_pipelines_own():
     assert seeds_for(42, 3) == [42, 43, 44]
 
 
+@pytest.mark.slow
 def test_repeat_over_seeds_rebuilds_scores_and_cleans_up(teacher, prepared, tmp_path):
     """evaluate.seeds: the recipe rebuilt with other seeds, scored, summarised as mean and spread."""
     from bertshrink.config.params import EvaluateParams

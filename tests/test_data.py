@@ -199,6 +199,7 @@ def test_load_prepared_names_the_stage(tmp_path):
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="../shared/datasets/sst2 not present")
 def test_shared_sst2_folder_loads_with_its_own_splits():
     raw = load_raw_dataset(str(SST2), text_column="sentence", label_column="label")

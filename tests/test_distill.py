@@ -221,6 +221,7 @@ def _distill(teacher_dir, prepared, step: DistillStep, output_dir, work_dir, **k
     return distill(teacher_dir, prepared, step, output_dir, work_dir, max_length=32, seed=0, **kw)
 
 
+@pytest.mark.slow
 def test_distill_needs_a_student_shape(tmp_path, trained_teacher, prepared):
     with pytest.raises(ValueError, match="distill needs student_layers or teacher_layers"):
         _distill(trained_teacher, prepared, DistillStep(), tmp_path / "student", tmp_path / "work")
@@ -229,6 +230,7 @@ def test_distill_needs_a_student_shape(tmp_path, trained_teacher, prepared):
     assert not (tmp_path / "student").exists()
 
 
+@pytest.mark.slow
 def test_distill_student_agrees_with_trained_teacher(tmp_path, trained_teacher, prepared):
     result = _distill(trained_teacher, prepared, _quick(), tmp_path / "student", tmp_path / "work")
     out = result.model_dir
@@ -251,6 +253,7 @@ def test_distill_student_agrees_with_trained_teacher(tmp_path, trained_teacher, 
     assert agree >= 0.8, agree
 
 
+@pytest.mark.slow
 def test_distill_into_narrower_student_trains_projections_not_saved(tmp_path, trained_teacher, prepared, monkeypatch):
     """A student_dir with a different width: W_h/W_e are learned, and absent from the saved model."""
     import bertshrink.training.distill as distill_module
@@ -286,6 +289,7 @@ def test_distill_into_narrower_student_trains_projections_not_saved(tmp_path, tr
     assert agree >= 0.8, agree
 
 
+@pytest.mark.slow
 def test_distill_with_transfer_texts_trains_on_them(tmp_path, trained_teacher, prepared, monkeypatch):
     from dataclasses import replace
 
@@ -312,6 +316,7 @@ def test_distill_with_transfer_texts_trains_on_them(tmp_path, trained_teacher, p
     assert read_meta(result.model_dir).transfer_rows == len(extra) == 60
 
 
+@pytest.mark.slow
 def test_two_stage_runs(tmp_path, trained_teacher, prepared):
     # cut from teacher layers 0 and 2, but the intermediate losses learn from layers 1 and 3
     cfg = _quick(epochs=1, two_stage=True, teacher_layers=[0, 2], student_layers=None, layer_map=[1, 3])

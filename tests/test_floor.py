@@ -35,6 +35,7 @@ def test_floor_picks_c_on_validation_and_writes_a_model_folder(floor_dir, prepar
     assert not list(floor_dir.parent.glob(".floor.*"))  # the temp folder was swapped in, not left behind
 
 
+@pytest.mark.slow
 def test_floor_is_measured_like_the_teacher(floor_dir, prepared):
     result = evaluate_model(floor_dir, prepared.splits, FAST, seed=0)
     # keyword topics: a bag of words separates them

@@ -64,6 +64,7 @@ def exported(source, tmp_path_factory):
 # --------------------------------------------------------------------------- export
 
 
+@pytest.mark.slow
 def test_export_matches_torch_on_other_batch_and_sequence_sizes(source, exported):
     folder, report = exported
     assert report["parity"]["max_abs_diff"] <= 1e-3 and report["parity"]["agreement"] == 1.0
@@ -87,6 +88,7 @@ def test_export_folder_is_self_contained_and_records_fusions(exported):
     assert {"Erf", "Gelu", "BiasGelu", "FastGelu"} & set(ops)
 
 
+@pytest.mark.slow
 def test_unoptimized_export_also_matches(source, tmp_path):
     report = export_onnx(source, tmp_path / "plain", texts(16), MAX_LENGTH, optimize=False)
     assert report["fusions"] == {} and not report["optimized"]
@@ -99,6 +101,7 @@ def restructured(tmp_path, source, transform) -> Path:
     return save_model_folder(model, tokenizer, ModelMeta(kind="candidate"), tmp_path / "pruned")
 
 
+@pytest.mark.slow
 def test_head_and_ffn_pruned_model_exports_with_parity(source, tmp_path):
     def prune_both(model):
         model, _ = prune.prune_heads(model, {0: [0, 1], 1: [3]})
@@ -115,6 +118,7 @@ def test_head_and_ffn_pruned_model_exports_with_parity(source, tmp_path):
     assert (64, 64) in dims and (64, 128) not in dims and (128, 64) not in dims
 
 
+@pytest.mark.slow
 def test_factorized_embeddings_export_with_parity(source, tmp_path):
     folder = restructured(tmp_path, source, lambda model: prune.factorize_embeddings(model, rank=16)[0])
     report = export_onnx(folder, tmp_path / "onnx", texts(), MAX_LENGTH)
@@ -123,6 +127,7 @@ def test_factorized_embeddings_export_with_parity(source, tmp_path):
     assert any(16 in d and 64 not in d for d in dims if len(d) == 2), dims  # the vocab x rank table
 
 
+@pytest.mark.slow
 def test_parity_failure_raises_with_numbers_and_keeps_existing_output(source, tmp_path):
     out = tmp_path / "onnx"
     out.mkdir()

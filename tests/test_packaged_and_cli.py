@@ -32,6 +32,7 @@ def test_packaged_minilm_loads_offline_and_classifies(monkeypatch):
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, again.bert.embeddings.word_embeddings.weight)
 
 
+@pytest.mark.slow
 def test_unreachable_hub_model_explains_the_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelSourceError, match="packaged:all-MiniLM-L6-v2"):
@@ -43,6 +44,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_bad_params_exit_2_before_any_work(tmp_path):
     (tmp_path / "params.yaml").write_text("teacher:\n  epochs: -1\n  learnig_rate: 0.1\n")
     done = _run(["-m", "flows.pipeline"], tmp_path)
@@ -52,6 +54,7 @@ def test_bad_params_exit_2_before_any_work(tmp_path):
     assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_recipe_impossible_for_the_teacher_exits_2_before_training(tmp_path):
     """The packaged MiniLM has 6 layers and 12 heads per layer: checked from its config up front."""
     (tmp_path / "params.yaml").write_text(
@@ -65,6 +68,7 @@ def test_recipe_impossible_for_the_teacher_exits_2_before_training(tmp_path):
     assert not (tmp_path / "data").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_stage_without_its_input_names_the_missing_stage(tmp_path):
     (tmp_path / "params.yaml").write_text("{}\n")
     done = _run(["-m", "flows.register"], tmp_path)

@@ -252,6 +252,7 @@ def test_factorize_embeddings_at_full_rank_is_exact(tiny, tokenizer, texts):
         prune.factorize_embeddings(untouched, rank=0)
 
 
+@pytest.mark.slow
 def test_factorized_and_head_pruned_models_export_to_onnx(tmp_path, tokenizer, texts):
     """Restructured models stay exportable through the project's export: the parity check passes, the
     graph has dynamic batch/sequence axes and gives the PyTorch logits on other shapes than exported."""

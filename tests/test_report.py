@@ -65,6 +65,7 @@ def test_markdown_table_has_a_row_per_model_with_units(results):
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
+@pytest.mark.slow
 def test_plots_and_csv_are_written(results, tmp_path):
     rows = report_rows(results, None, "baseline-ort-int8")
     paths = write_plots(rows, tmp_path, "fixture")

@@ -34,6 +34,7 @@ class StopAtStep(TrainerCallback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_train_teacher_saves_a_loadable_classifier(tmp_path, tiny_bert, prepared):
     params = tiny_params(tiny_bert, epochs=10)
     result = train_teacher(prepared, params, tmp_path / "teacher", tmp_path / "ckpt", seed=0,
@@ -51,6 +52,7 @@ def test_train_teacher_saves_a_loadable_classifier(tmp_path, tiny_bert, prepared
     assert tokenizer.model_max_length == 32
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, tiny_bert, prepared):
     params = tiny_params(tiny_bert)  # save_steps=2, resume=True
     with pytest.raises(KeyboardInterrupt):
@@ -83,6 +85,7 @@ def test_checkpoints_of_other_params_are_not_resumed(tmp_path, tiny_bert, prepar
     assert json.loads((work / "bertshrink-fingerprint.json").read_text())["fingerprint"] == new
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_model(tmp_path, tiny_bert, prepared, monkeypatch):
     good = train_teacher(prepared, tiny_params(tiny_bert, epochs=1), tmp_path / "teacher", tmp_path / "ckpt", seed=0)
     before = (good.model_dir / "model.safetensors").read_bytes()
@@ -151,6 +154,7 @@ def test_layerdrop_skips_layers_in_training_only(tiny_bert):
     assert not any(layer._forward_hooks for layer in model.bert.encoder.layer)
 
 
+@pytest.mark.slow
 def test_teacher_training_applies_layerdrop(tmp_path, tiny_bert, prepared):
     """Same seed, same data: only LayerDrop differs, so the trained weights must differ."""
     runs = {p: train_teacher(prepared, tiny_params(tiny_bert, epochs=1, layerdrop=p), tmp_path / f"t{p}",
@@ -171,6 +175,7 @@ class CheckpointsAtTrainEnd(TrainerCallback):
         self.seen = sorted(p.name for p in self.work_dir.glob("checkpoint-*"))
 
 
+@pytest.mark.slow
 def test_fine_tune_of_a_source_with_plain_knobs(tmp_path, tiny_bert, prepared):
     """A recipe step's fine-tuning: a source folder and the training knobs, no checkpoints, no resume."""
     knobs = TrainingKnobs(epochs=1, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, logging_steps=1)

@@ -171,6 +171,7 @@ def test_examples_capped_at_max_failed_examples(splits):
     assert "10 of 30 rows" in failure.observed
 
 
+@pytest.mark.slow
 def test_data_docs_built(splits, tmp_path: Path):
     docs = tmp_path / "docs"
     splits["test"].loc[0, "label"] = 9

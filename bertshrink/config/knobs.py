@@ -3,6 +3,7 @@
 ``TrainingKnobs`` is how anything trains (the teacher, and the finetune, distill, qat and
 quant_noise steps): the subset of transformers' ``TrainingArguments`` we expose. ``KdLossKnobs``
 is the soft-target loss shared by distillation and distilling quantization-aware steps.
+``PromotionConstraints`` are the promotion rule's limits (the ``registry`` section composes them).
 
 Sections that want other defaults (a recovery ``finetune`` step trains one epoch at a lower rate)
 say so in ``DEFAULTS``; the fields, types and ranges stay the ones declared here.
@@ -18,16 +19,25 @@ Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
 
 class Knobs(BaseModel):
-    """Base of every section and step: unknown keys are errors, values are frozen."""
+    """Base of every section and step: unknown keys are errors, values are frozen.
+
+    A section that composes shared knobs but wants other defaults says so in ``DEFAULTS``
+    (e.g. ``{"epochs": 1.0}``); the fields, types and ranges stay the ones declared once.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _section_defaults(cls, data: Any) -> Any:
+        if cls.DEFAULTS and isinstance(data, dict):
+            return {**cls.DEFAULTS, **data}
+        return data
 
 
 class TrainingKnobs(Knobs):
     """How a model trains; ``auto`` precision = bf16/fp16 on GPU, fp32 on CPU."""
-
-    # Per-section defaults that differ from the fields' own (e.g. ``{"epochs": 1.0}``).
-    DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     epochs: float = Field(2.0, gt=0.0, le=100.0)
     learning_rate: float = Field(1e-4, gt=0.0, lt=1.0)    # small encoders (MiniLM) want more than BERT-base's 2e-5
@@ -38,13 +48,6 @@ class TrainingKnobs(Knobs):
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     logging_steps: int = Field(10, ge=1)
     precision: Precision = "auto"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _section_defaults(cls, data: Any) -> Any:
-        if cls.DEFAULTS and isinstance(data, dict):
-            return {**cls.DEFAULTS, **data}
-        return data
 
     def training_knobs(self) -> "TrainingKnobs":
         """Just the training knobs of this section or step (what ``TrainingArguments`` is built from)."""
@@ -57,3 +60,16 @@ class KdLossKnobs(Knobs):
     temperature: float = Field(2.0, gt=0.0, le=100.0)
     alpha_ce: float = Field(0.5, ge=0.0)
     alpha_kd: float = Field(0.5, ge=0.0)
+
+
+class PromotionConstraints(Knobs):
+    """Limits every model the promotion rule may choose meets; None = no limit."""
+
+    min_retention: float | None = Field(None, ge=0.0, le=2.0)   # of the teacher's test accuracy
+    min_agreement: float | None = Field(None, ge=0.0, le=1.0)   # share of test predictions equal to the teacher's
+    max_p95_ms: float | None = Field(None, gt=0.0)              # batch-1 p95 latency
+    max_size_mb: float | None = Field(None, gt=0.0)             # size on disk, MB (1e6 bytes)
+
+    def constraints(self) -> "PromotionConstraints":
+        """Just the constraints of this section."""
+        return PromotionConstraints(**{name: getattr(self, name) for name in PromotionConstraints.model_fields})

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bertshrink.config.knobs import Knobs, TrainingKnobs
+from bertshrink.config.knobs import Knobs, PromotionConstraints, TrainingKnobs
 from bertshrink.config.recipes import CompressParams
 from bertshrink.errors import ParamsError
 
@@ -126,18 +126,15 @@ class EvaluateParams(_Section):
         return self
 
 
-class RegistryParams(_Section):
-    """MLflow experiment and registered-model names."""
+class RegistryParams(_Section, PromotionConstraints):
+    """MLflow experiment and registered-model names, and the promotion rule (``selection.promotion``):
+    the constraints every eligible model meets (``PromotionConstraints``, null = no limit) and what
+    to optimise among them."""
 
+    DEFAULTS = {"min_retention": 0.98, "min_agreement": 0.95}
     experiment: str = Field("bertshrink", min_length=1)
     model_name: str = Field("bertshrink-classifier", min_length=1)
     teacher_alias: str = Field("teacher", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
-    # Promotion rule (bertshrink.promotion): constraints every eligible model meets (null = no limit) ...
-    min_retention: float | None = Field(0.98, ge=0.0, le=2.0)   # of the teacher's test accuracy
-    min_agreement: float | None = Field(0.95, ge=0.0, le=1.0)   # share of test predictions equal to the teacher's
-    max_p95_ms: float | None = Field(None, gt=0.0)              # batch-1 p95 latency
-    max_size_mb: float | None = Field(None, gt=0.0)             # size on disk, MB (1e6 bytes)
-    # ... and what to optimise among them.
     objective: Literal["fastest", "smallest", "most_accurate"] = "fastest"
     # Move `champion` too (not only `challenger`) when the challenger beats the champion by promote_margin.
     auto_promote: bool = False

@@ -13,10 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from bertshrink.config.recipes import EVALUATION_SPLITS, MIN_CALIBRATION_ROWS
 from bertshrink.data.prepare import normalize_text
 from bertshrink.errors import ParamsError
-
-DEFAULT_MIN_ROWS = 32
 
 
 class CalibrationError(ParamsError):
@@ -70,8 +69,8 @@ def calibration_hash(row_ids: Sequence, texts: Sequence[str]) -> str:
 
 
 def select_calibration(splits: dict[str, pd.DataFrame], split: str, rows: int, seed: int, *,
-                       min_rows: int = DEFAULT_MIN_ROWS,
-                       eval_splits: Sequence[str] = ("validation", "test")) -> tuple[list[str], dict]:
+                       min_rows: int = MIN_CALIBRATION_ROWS,
+                       eval_splits: Sequence[str] = EVALUATION_SPLITS) -> tuple[list[str], dict]:
     """A seeded sample of ``rows`` texts from ``splits[split]`` and its provenance.
 
     Takes the whole split when it has fewer than ``rows`` (but at least ``min_rows``) rows.

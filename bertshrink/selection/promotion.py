@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from bertshrink.config.knobs import PromotionConstraints
 from bertshrink.config.params import RegistryParams
 
 Objective = Literal["fastest", "smallest", "most_accurate"]
@@ -37,14 +38,8 @@ class Candidate:
     status: str = OK                  # ok | failed | collapsed
 
 
-@dataclass(frozen=True)
-class Constraints:
-    """Limits every eligible model meets; None = no limit."""
-
-    min_retention: float | None = None
-    min_agreement: float | None = None
-    max_p95_ms: float | None = None
-    max_size_mb: float | None = None
+# The rule's limits are declared once, in the config layer; the registry section composes them.
+Constraints = PromotionConstraints
 
 
 @dataclass(frozen=True)
@@ -250,4 +245,5 @@ def candidate_from_tags(name: str, version: str, tags: dict[str, str]) -> Candid
 
 
 def constraints_of(registry: RegistryParams) -> Constraints:
-    return Constraints(registry.min_retention, registry.min_agreement, registry.max_p95_ms, registry.max_size_mb)
+    """The promotion constraints of the ``registry`` section."""
+    return registry.constraints()
