@@ -8,7 +8,7 @@ import yaml
 from pydantic import ValidationError
 
 from bertshrink.config.artifacts import Artifacts
-from bertshrink.config.params import Params, load_params, parse_params
+from bertshrink.config.params import Params, RegistryParams, load_params, parse_params
 from bertshrink.errors import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,3 +114,16 @@ def test_sections_are_frozen():
 def test_flat_dict_for_logging():
     flat = Params().as_flat_dict()
     assert flat["teacher.max_length"] == 128 and flat["validate.min_train_rows"] == 50
+
+
+def test_promotion_constraints_are_declared_once_and_composed_by_the_registry_section():
+    from bertshrink.config.knobs import PromotionConstraints
+    from bertshrink.selection.promotion import Constraints, constraints_of
+
+    assert Constraints is PromotionConstraints and issubclass(RegistryParams, PromotionConstraints)
+    # the rule alone has no limits; the registry section's defaults are the README's 98% / 95%
+    assert Constraints().model_dump() == {"min_retention": None, "min_agreement": None,
+                                          "max_p95_ms": None, "max_size_mb": None}
+    assert constraints_of(RegistryParams()) == Constraints(min_retention=0.98, min_agreement=0.95)
+    with pytest.raises(ParamsError, match=r"registry.max_p95_ms: Input should be greater than 0"):
+        parse_params({"registry": {"max_p95_ms": 0}})
