@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from bertshrink.config.params import TeacherParams
 from bertshrink.errors import TrainingError
 from bertshrink.modelfolder.load import load_classifier, load_tokenizer_and_classifier
 from bertshrink.modelfolder.meta import read_meta
-from bertshrink.training.finetune import _checkpoint_to_resume, fine_tune, fingerprint, layer_drop, train_teacher
+from bertshrink.training.finetune import (_checkpoint_to_resume, fine_tune, fingerprint, layer_drop,
+                                          newest_complete_checkpoint, train_teacher)
 
 
 def tiny_params(tiny_bert, **kw) -> TeacherParams:
@@ -63,6 +65,37 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, tiny_bert, prepa
     assert result.resumed_from.endswith("checkpoint-4")
     assert (tmp_path / "teacher" / "model.safetensors").is_file()
     assert not (tmp_path / "ckpt").exists()  # spent once the model is saved
+
+
+def test_a_checkpoint_cut_short_is_set_aside_and_the_newest_complete_one_resumed(tmp_path, caplog):
+    """A kill while saving leaves checkpoint-N without (or with a truncated) trainer_state.json."""
+    work = tmp_path / "ckpt"
+    for step, state in ((2, '{"global_step": 2}'), (4, None), (6, '{"global_st')):
+        (work / f"checkpoint-{step}").mkdir(parents=True)
+        (work / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (work / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    with caplog.at_level("WARNING", logger="bertshrink.training.finetune"):
+        assert newest_complete_checkpoint(work) == str(work / "checkpoint-2")
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint-2", "incomplete-checkpoint-4",
+                                                      "incomplete-checkpoint-6"]
+    assert "checkpoint-6 was cut short" in caplog.text and "checkpoint-4 was cut short" in caplog.text
+    assert newest_complete_checkpoint(tmp_path / "ckpt") == str(work / "checkpoint-2")  # stable on rerun
+    (work / "checkpoint-2" / "trainer_state.json").unlink()
+    assert newest_complete_checkpoint(work) is None  # nothing complete: start over, not crash
+
+
+@pytest.mark.slow
+def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path, tiny_bert, prepared):
+    params = tiny_params(tiny_bert)  # save_steps=2, resume=True
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(prepared, params, tmp_path / "teacher", tmp_path / "ckpt", seed=0, callbacks=[StopAtStep(5)])
+    # what a SIGKILL during the next save leaves: the weights written, trainer_state.json not yet
+    shutil.copytree(tmp_path / "ckpt" / "checkpoint-4", tmp_path / "ckpt" / "checkpoint-6")
+    (tmp_path / "ckpt" / "checkpoint-6" / "trainer_state.json").unlink()
+    result = train_teacher(prepared, params, tmp_path / "teacher", tmp_path / "ckpt", seed=0)
+    assert result.resumed_from.endswith("checkpoint-4")
+    assert (tmp_path / "teacher" / "model.safetensors").is_file()
 
 
 def test_checkpoints_of_other_params_are_not_resumed(tmp_path, tiny_bert, prepared):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -35,6 +36,9 @@ from bertshrink.modelfolder.meta import ModelMeta, save_model_folder
 from bertshrink.modelfolder.structure import encoder_layers
 
 FINGERPRINT_FILE = "bertshrink-fingerprint.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+log = logging.getLogger(__name__)
 
 
 class GuardedTrainer(Trainer):
@@ -100,7 +104,7 @@ def fingerprint(params: dict[str, Any], data_hash: str, seed: int) -> str:
 
 
 def _checkpoint_to_resume(work_dir: Path, fp: str, resume: bool) -> str | None:
-    """Last checkpoint of a run with the same fingerprint; stale checkpoints are cleared."""
+    """Newest complete checkpoint of a run with the same fingerprint; stale checkpoints are cleared."""
     marker = work_dir / FINGERPRINT_FILE
     if work_dir.exists():
         same_run = marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fp
@@ -108,7 +112,31 @@ def _checkpoint_to_resume(work_dir: Path, fp: str, resume: bool) -> str | None:
             shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"fingerprint": fp}))
-    return get_last_checkpoint(str(work_dir)) if resume else None
+    return newest_complete_checkpoint(work_dir) if resume else None
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    """The Trainer writes ``trainer_state.json`` last: a checkpoint without a readable one was cut short."""
+    try:
+        json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def newest_complete_checkpoint(work_dir: Path) -> str | None:
+    """The newest ``checkpoint-N`` a run can resume from; newer ones that a kill left half-written are
+    renamed ``incomplete-checkpoint-N`` (never resumed; removed with the work folder once the run
+    finishes), saying so."""
+    while (last := get_last_checkpoint(str(work_dir))) is not None:
+        if _is_complete(Path(last)):
+            return last
+        aside = Path(last).with_name(f"incomplete-{Path(last).name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        Path(last).rename(aside)
+        log.warning("Checkpoint %s was cut short (no %s; the run was killed while saving it): set aside as %s; "
+                    "resuming from the newest complete checkpoint instead.", last, TRAINER_STATE_FILE, aside)
+    return None
 
 
 def tokenize_splits(prepared: PreparedData, tokenizer, max_length: int, names=("train", "validation")):
