@@ -226,3 +226,17 @@ def test_fine_tune_of_a_source_with_plain_knobs(tmp_path, tiny_bert, prepared):
     # one epoch of 60 rows in batches of 8
     assert max(h.get("step", 0) for h in result.history) == 8
     assert load_classifier(result.model_dir).config.num_labels == len(prepared.label_names)
+
+
+def test_a_single_label_never_gets_a_regression_head(tmp_path, tiny_bert, prepared):
+    """One label is refused before any training; two or more get a softmax classification head."""
+    from bertshrink.data.prepare import PreparedData
+    from bertshrink.errors import ModelSourceError
+    from bertshrink.modelfolder.load import load_tokenizer_and_classifier
+
+    one_label = PreparedData(prepared.splits, ["sport"], prepared.meta)
+    with pytest.raises(ModelSourceError, match="at least two labels; the data has 1"):
+        train_teacher(one_label, tiny_params(tiny_bert), tmp_path / "teacher", tmp_path / "ckpt", seed=0)
+    assert not (tmp_path / "teacher").exists()
+    _, model = load_tokenizer_and_classifier(str(tiny_bert), ["a", "b"], 32)
+    assert model.config.problem_type == "single_label_classification" and model.config.num_labels == 2

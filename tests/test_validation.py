@@ -126,6 +126,18 @@ def test_class_missing_from_test_split(splits):
     assert not [f for f in report.failures if f.column == "share"]
 
 
+def test_a_single_class_dataset_is_refused():
+    """One label would give a one-output head that scores 1.0 on anything (issue 13, row 1)."""
+    one = {name: pd.DataFrame({"text": [f"{name} text number {i} about sport" for i in range(n)], "label": 0})
+           for name, n in (("train", 30), ("validation", 8), ("test", 8))}
+    report = run_validation(one, ["sport"], PARAMS)
+    failures = [f for f in report.failures if f.expectation == "expect_table_row_count_to_be_between"]
+    assert [f.split for f in failures] == ["train", "validation", "test"]
+    assert failures[0].observed == "observed value: 1"
+    with pytest.raises(DataValidationError, match="at least two classes"):
+        assert_valid(report)
+
+
 def test_class_below_min_share(splits):
     train = splits["train"]
     rare = train.index[train["label"] == 1][1:]  # keep a single 'sport' row: 1/21 < 10%

@@ -299,12 +299,16 @@ def _class_share_frame(df: pd.DataFrame, label_names: list[str]) -> pd.DataFrame
 
 
 def _class_expectations(params: ValidateParams) -> list:
-    """Every class present; every present class at least ``min_class_share`` of the rows."""
+    """At least two classes; every class present; every present class at least ``min_class_share`` of the rows."""
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
 
     share = params.min_class_share
     return [
+        # One class gives a one-output head that scores 1.0 on anything: not a classifier.
+        gxe.ExpectTableRowCountToBeBetween(
+            min_value=2, description="at least two classes (a classifier needs two labels to tell apart)"
+        ),
         gxe.ExpectColumnValuesToBeBetween(
             column="count", min_value=1, description="every declared class has at least one row"
         ),

@@ -105,6 +105,9 @@ def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length:
     A fresh classification head is initialised when the source is a plain encoder (as the
     packaged all-MiniLM-L6-v2 is); that is expected, so transformers' load report is quieted.
     """
+    if len(label_names) < 2:
+        raise ModelSourceError(f"A classifier needs at least two labels; the data has {len(label_names)} "
+                               f"({label_names}). Fix the data source: validation requires two classes.")
     location = resolve_model_source(spec)
     if is_restructured_folder(location):
         return _load_restructured(location, label_names, max_length)
@@ -118,6 +121,9 @@ def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length:
             num_labels=len(label_names),
             id2label=id2label,
             label2id={name: i for i, name in id2label.items()},
+            # Always a softmax classifier over the data's labels: transformers would otherwise infer
+            # regression from the label dtype or a single output.
+            problem_type="single_label_classification",
             ignore_mismatched_sizes=True,  # a head fine-tuned for another label set is replaced
         )
     except (OSError, ValueError) as err:
