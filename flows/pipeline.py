@@ -142,15 +142,13 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
 
 
 def check_recipes_before_training(params: Params) -> None:
-    """Recipes that cannot apply to the teacher's shape fail now, not after training it.
+    """A teacher source that is missing or not of a supported family, and recipes that cannot apply
+    to its shape, fail now, before any data is prepared or any model trained.
 
     The shape comes from the source model's config when it is on disk (packaged or a folder);
     a Hub id is checked by the compress stage once the teacher exists.
     """
-    try:
-        config_file = Path(resolve_model_source(params.teacher.model)) / CONFIG_FILE
-    except BertshrinkError:
-        return  # the teacher stage reports a bad model source with its own message
+    config_file = Path(resolve_model_source(params.teacher.model)) / CONFIG_FILE
     if params.compress.recipes and config_file.is_file():
         problems = check_against_config(params.compress, json.loads(config_file.read_text()))
         if problems:

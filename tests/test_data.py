@@ -208,3 +208,16 @@ def test_shared_sst2_folder_loads_with_its_own_splits():
     prepared = prepare_splits(raw, DataParams(max_train_samples=2000, max_eval_samples=500), seed=0)
     assert prepared.meta["rows"] == {"train": 2000, "validation": 500, "test": 500}
     assert prepared.meta["provenance"]["validation"].endswith("dev.tsv")
+
+
+def test_a_model_of_another_family_is_refused_when_its_source_is_resolved(tmp_path):
+    from transformers import BertConfig, GPT2Config
+
+    from bertshrink.errors import ModelSourceError
+
+    GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ModelSourceError, match=r"gpt2 is a gpt2 model; bertshrink supports the bert family"):
+        resolve_model_source(str(tmp_path / "gpt2"))
+    BertConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8).save_pretrained(
+        tmp_path / "bert")
+    assert resolve_model_source(str(tmp_path / "bert")) == str(tmp_path / "bert")

@@ -69,6 +69,20 @@ def test_recipe_impossible_for_the_teacher_exits_2_before_training(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_non_bert_teacher_is_refused_before_any_work(tmp_path):
+    """A GPT-2 folder as teacher.model: named, with the supported families, exit 4, nothing written."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50).save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "params.yaml").write_text(f"teacher:\n  model: {tmp_path / 'gpt2'}\n")
+    done = _run(["-m", "flows.pipeline"], tmp_path)
+    assert done.returncode == ModelSourceError.exit_code, done.stderr[-2000:]
+    assert "is a gpt2 model; bertshrink supports the bert family" in done.stderr
+    assert "KeyError" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
 def test_stage_without_its_input_names_the_missing_stage(tmp_path):
     (tmp_path / "params.yaml").write_text("{}\n")
     done = _run(["-m", "flows.register"], tmp_path)

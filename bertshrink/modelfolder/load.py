@@ -17,7 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from bertshrink.errors import ModelSourceError
 from bertshrink.modelfolder.files import CONFIG_FILE, SAFETENSORS_FILE, TORCH_WEIGHTS_FILE
-from bertshrink.modelfolder.sources import load_error_hint, resolve_model_source
+from bertshrink.modelfolder.sources import check_family, load_error_hint, resolve_model_source
 from bertshrink.modelfolder.structure import QUANT_KEY, apply_structure, is_restructured
 from bertshrink.modelfolder.torch_quant import prepare_quantized
 
@@ -130,6 +130,7 @@ def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length:
         raise ModelSourceError(f"{load_error_hint(spec)}\nCause: {type(err).__name__}: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    check_family(model.config.model_type, spec)  # a Hub id is only known once loaded
     # Downstream users (evaluation, MLflow pipelines) truncate at the length we trained with.
     tokenizer.model_max_length = max_length
     return tokenizer, model

