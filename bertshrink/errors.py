@@ -4,9 +4,14 @@ from __future__ import annotations
 
 
 class BertshrinkError(Exception):
-    """Base class: ``str(err)`` is shown to the user as is, then the process exits non-zero."""
+    """Base class: ``str(err)`` is shown to the user as is, then the process exits non-zero.
+
+    ``transient`` says whether trying again later can help (a network hiccup); a missing file,
+    a wrong column or an unreachable network does not go away by retrying within seconds.
+    """
 
     exit_code = 1
+    transient = False
 
 
 class ParamsError(BertshrinkError):
@@ -53,3 +58,17 @@ class CompressionError(BertshrinkError):
 
 class QuantizationError(CompressionError, ValueError):
     """A quantization setting is out of range, or cannot be applied to this model or machine."""
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying ``err`` can help: our errors say so; others (tracking-server or HTTP
+    hiccups) are given the benefit of the doubt, since a bug fails the same way again anyway."""
+    if isinstance(err, BertshrinkError):
+        return err.transient
+    return True
+
+
+def retry_only_transient(task, task_run, state) -> bool:
+    """A ``retry_condition_fn`` for the tasks layer's Prefect tasks (called as ``(task, task_run,
+    state)``; a failed state's ``data`` is the exception): retry only where it can help."""
+    return is_transient(state.data)

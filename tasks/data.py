@@ -12,11 +12,13 @@ from bertshrink.config.params import DataParams, ValidateParams
 from bertshrink.data.prepare import load_prepared, prepare_splits, write_prepared
 from bertshrink.data.sources import load_raw_dataset
 from bertshrink.data.validation import assert_valid, run_validation
+from bertshrink.errors import retry_only_transient
 from tracking.runs import log_artifact, log_metrics, log_params, set_tags
 
 
-# Hub downloads can fail transiently; local reads cannot, but retrying them is harmless.
-@task(name="prepare-data", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+# A Hub download can fail transiently; a missing file or column cannot, and is not retried.
+@task(name="prepare-data", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_only_transient,
+      cache_policy=NO_CACHE)
 def prepare_data(data: DataParams, paths: Artifacts, seed: int, run_id: str) -> dict:
     """Load the source, split it, write Parquet + meta.json; returns the meta."""
     raw = load_raw_dataset(data.source, data.text_column, data.label_column, data.split_names)

@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from bertshrink.config.params import RegistryParams
-from bertshrink.errors import MissingArtifactError
+from bertshrink.errors import MissingArtifactError, retry_only_transient
 from bertshrink.evaluation.metrics import flat_metrics
 from bertshrink.modelfolder.meta import read_meta
 from tracking.registry import SUMMARY_METRICS, log_model_version, version_tags
@@ -19,7 +19,8 @@ from tracking.runs import log_metrics
 
 
 # A tracking server can be briefly unreachable; retrying the whole registration is safe.
-@task(name="register-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="register-model", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_only_transient,
+      cache_policy=NO_CACHE)
 def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, alias: str, run_id: str,
                    record_file: str) -> dict:
     """Log + register ``model_dir``; set ``alias``; write the registration record to ``record_file``.

@@ -79,16 +79,22 @@ def test_unknown_sources_are_refused(tmp_path):
         load_raw_dataset("packaged:imdb")
 
 
-def test_unreachable_hub_gives_offline_advice(monkeypatch):
+def test_a_dropped_hub_connection_gives_offline_advice_and_may_be_retried(monkeypatch):
+    """The name resolves, the download fails: both spellings are named, and the error is transient."""
+    import socket
+
     import datasets
 
-    def offline(*args, **kwargs):
+    def dropped(*args, **kwargs):
         raise ConnectionError("huggingface.co unreachable")
 
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataSourceError) as err:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [])
+    monkeypatch.setattr(datasets, "load_dataset", dropped)
+    with pytest.raises(DataSourceError, match="network access to huggingface.co") as err:
         load_raw_dataset("hub:glue/sst2")
-    assert "network access" in str(err.value) and "load_dataset('glue', 'sst2')" in str(err.value)
+    assert "load_dataset('glue', 'sst2')" in str(err.value) and "load_dataset('glue/sst2', None)" in str(err.value)
+    assert err.value.transient is True
 
 
 def test_model_sources(tmp_path):
@@ -221,3 +227,43 @@ def test_a_model_of_another_family_is_refused_when_its_source_is_resolved(tmp_pa
     BertConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8).save_pretrained(
         tmp_path / "bert")
     assert resolve_model_source(str(tmp_path / "bert")) == str(tmp_path / "bert")
+
+
+def test_no_network_fails_in_milliseconds_naming_the_offline_switch(monkeypatch):
+    """DNS failing (as it does offline) stops a Hub source at once, before any download attempt."""
+    import socket
+    import time
+
+    import datasets
+
+    from bertshrink.errors import DataSourceError, ModelSourceError
+    from bertshrink.modelfolder.load import load_tokenizer_and_classifier
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def never(*args, **kwargs):
+        raise AssertionError("no download may be attempted without a network")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(datasets, "load_dataset", never)
+    started = time.perf_counter()
+    with pytest.raises(DataSourceError, match=r"No network: huggingface.co cannot be resolved .* HF_HUB_OFFLINE=1"):
+        load_raw_dataset("hub:glue/sst2")
+    with pytest.raises(ModelSourceError, match=r"model 'bert-base-uncased' cannot be downloaded.*packaged:all-MiniLM"):
+        load_tokenizer_and_classifier("bert-base-uncased", ["a", "b"], 32)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_only_transient_failures_are_retried():
+    from prefect.states import Failed
+
+    from bertshrink.errors import DataSourceError, MissingArtifactError, retry_only_transient
+
+    dropped = DataSourceError("Could not load Hub dataset 'x': ConnectionError")
+    dropped.transient = True
+    assert retry_only_transient(None, None, Failed(data=dropped)) is True
+    assert retry_only_transient(None, None, Failed(data=DataSourceError("data.source x.csv does not exist"))) is False
+    assert retry_only_transient(None, None, Failed(data=MissingArtifactError("evaluate first"))) is False
+    assert retry_only_transient(None, None, Failed(data=ConnectionError("tracking server reset"))) is True

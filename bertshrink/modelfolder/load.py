@@ -17,7 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from bertshrink.errors import ModelSourceError
 from bertshrink.modelfolder.files import CONFIG_FILE, SAFETENSORS_FILE, TORCH_WEIGHTS_FILE
-from bertshrink.modelfolder.sources import check_family, load_error_hint, resolve_model_source
+from bertshrink.modelfolder.sources import check_family, load_error_hint, require_hub, resolve_model_source
 from bertshrink.modelfolder.structure import QUANT_KEY, apply_structure, is_restructured
 from bertshrink.modelfolder.torch_quant import prepare_quantized
 
@@ -111,6 +111,9 @@ def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length:
     location = resolve_model_source(spec)
     if is_restructured_folder(location):
         return _load_restructured(location, label_names, max_length)
+    if not Path(location).is_dir():  # a Hub id
+        require_hub(f"model '{spec}'", ModelSourceError,
+                    "set teacher.model to a local folder or to packaged:all-MiniLM-L6-v2")
     id2label = dict(enumerate(label_names))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from bertshrink.errors import BertshrinkError, ModelSourceError
 
@@ -47,6 +50,23 @@ def resolve_packaged_model(name: str) -> Path:
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"{folder} has no config.json; reinstall {pip_name}.")
     return folder
+
+
+def hub_host() -> str:
+    """The Hub transformers and datasets download from (``HF_ENDPOINT`` points at a mirror)."""
+    return urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+
+
+def require_hub(what: str, error: type[BertshrinkError], alternative: str) -> None:
+    """Fail in milliseconds when the Hub's name does not resolve (no network), instead of after
+    every HTTP retry of every download attempt; cache-only mode (``HF_HUB_OFFLINE=1``) is let through."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    try:
+        socket.getaddrinfo(hub_host(), 443)
+    except OSError as err:
+        raise error(f"No network: {hub_host()} cannot be resolved ({err}), so {what} cannot be downloaded. "
+                    f"Set HF_HUB_OFFLINE=1 to use what the local Hugging Face cache holds, or {alternative}.") from None
 
 
 def check_family(model_type: str | None, where: str) -> None:
