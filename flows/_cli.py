@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable
 
+from bertshrink.config.artifacts import Artifacts
 from bertshrink.config.params import DEFAULT_PARAMS_FILE, Params, load_params
 from bertshrink.errors import BertshrinkError, ParamsError
 
@@ -48,6 +49,18 @@ def selected_recipes(params: Params, names: list[str] | None) -> list[str]:
     return list(names or params.compress.recipes)
 
 
+def interrupted_message(params_file: str) -> str:
+    """What an interruption left, truthfully: a checkpoint to resume from, or none yet."""
+    try:
+        checkpoints = sorted(Artifacts(load_params(params_file).base).checkpoints().rglob("checkpoint-*"),
+                             key=lambda p: p.stat().st_mtime)
+    except (BertshrinkError, OSError):
+        checkpoints = []
+    resume = (f"a rerun resumes training from {checkpoints[-1]}" if checkpoints else
+              "no training checkpoint had been written yet, so a rerun starts that training over")
+    return f"interrupted. Outputs already written are intact; {resume}."
+
+
 def parse_args(description: str, argv: list[str] | None = None, extra: Callable | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=str(DEFAULT_PARAMS_FILE), help="params file (default: params.yaml)")
@@ -73,6 +86,5 @@ def run_stage(flow_fn: Callable, description: str, argv: list[str] | None = None
         print(f"\nbertshrink: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        print("\nbertshrink: interrupted. Outputs already written are intact; rerun to resume "
-              "(training restarts from its last checkpoint).", file=sys.stderr)
+        print(f"\nbertshrink: {interrupted_message(args.params)}", file=sys.stderr)
         sys.exit(130)

@@ -27,7 +27,7 @@ from bertshrink.config.recipes import check_against_config
 from bertshrink.errors import BertshrinkError
 from bertshrink.modelfolder.files import CONFIG_FILE
 from bertshrink.modelfolder.sources import resolve_model_source
-from flows._cli import quiet_libraries
+from flows._cli import interrupted_message, quiet_libraries
 from flows.compare import compare_flow
 from flows.compress import compress_flow, recipes_failed, recipes_that_cannot_apply
 from flows.evaluate import evaluate_flow
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nbertshrink: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        print("\nbertshrink: interrupted; rerun to resume from the last checkpoint.", file=sys.stderr)
+        print(f"\nbertshrink: {interrupted_message(args.params)}", file=sys.stderr)
         sys.exit(130)
 
 

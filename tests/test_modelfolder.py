@@ -257,3 +257,31 @@ def test_open_model_refuses_folders_it_cannot_run(tmp_path):
     (tmp_path / "empty" / CONFIG_FILE).write_text("{}")
     with pytest.raises(ModelSourceError, match=r"Don't know how to run .*found \['config.json'\]"):
         open_model(tmp_path / "empty")
+
+
+def test_a_killed_write_leaves_nothing_behind_at_the_next_write(tmp_path, caplog):
+    """Issue 13, row 5: a hidden temp folder a SIGKILL left beside the target goes at the next write."""
+    from bertshrink.modelfolder.meta import ModelMeta, write_folder
+
+    target = tmp_path / "models" / "teacher"
+    stale = tmp_path / "models" / ".teacher.k1ll3d"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / "models" / ".teacher-onnx.x"  # another target's temp folder is not ours to remove
+    other.mkdir()
+    with caplog.at_level("WARNING", logger="bertshrink.modelfolder.files"):
+        write_folder(target, lambda tmp: ModelMeta(kind="teacher"))
+    assert sorted(p.name for p in target.parent.iterdir()) == [".teacher-onnx.x", "teacher"]
+    assert f"removed {stale}, left by an interrupted write" in caplog.text
+
+
+def test_a_swap_killed_between_its_renames_gets_the_last_good_folder_back(tmp_path):
+    from bertshrink.modelfolder.files import recover_leftovers
+
+    backup = tmp_path / ".teacher.old"  # replace_dir moved the old folder aside, then was killed
+    backup.mkdir()
+    (backup / "model.safetensors").write_bytes(b"last good")
+    done = recover_leftovers(tmp_path / "teacher")
+    assert (tmp_path / "teacher" / "model.safetensors").read_bytes() == b"last good" and not backup.exists()
+    assert done == [f"restored {tmp_path / 'teacher'} from .teacher.old, left by an interrupted swap"]
+    assert recover_leftovers(tmp_path / "teacher") == []  # nothing left to do

@@ -88,3 +88,16 @@ def test_stage_without_its_input_names_the_missing_stage(tmp_path):
     done = _run(["-m", "flows.register"], tmp_path)
     assert done.returncode == 7, done.stderr[-2000:]
     assert "Run the teacher stage first" in done.stderr
+
+
+def test_the_interruption_message_says_whether_a_rerun_resumes(tmp_path, monkeypatch):
+    """Issue 13, row 5: "rerun to resume" only when a checkpoint exists."""
+    from flows._cli import interrupted_message
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("base:\n  checkpoints_dir: ckpt\n")
+    assert interrupted_message("params.yaml").endswith("no training checkpoint had been written yet, so a rerun "
+                                                       "starts that training over.")
+    (tmp_path / "ckpt" / "teacher" / "checkpoint-50").mkdir(parents=True)
+    assert interrupted_message("params.yaml").endswith(
+        f"a rerun resumes training from {Path('ckpt') / 'teacher' / 'checkpoint-50'}.")

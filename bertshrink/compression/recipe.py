@@ -25,7 +25,7 @@ from bertshrink.config.recipes import (DistillStep, DropLayersStep, ExportOnnxSt
                                        QuantizeStep, QuantNoiseStep, Recipe)
 from bertshrink.data.calibration import select_calibration
 from bertshrink.data.prepare import PreparedData
-from bertshrink.modelfolder.files import replace_dir
+from bertshrink.modelfolder.files import recover_leftovers, replace_dir
 from bertshrink.modelfolder.load import load_folder
 from bertshrink.modelfolder.meta import read_meta, save_model_folder, update_meta
 from bertshrink.modelfolder.runners import open_model
@@ -226,6 +226,7 @@ def run_recipe(name: str, recipe: Recipe, teacher_dir: Path, prepared: PreparedD
     ``extra_meta`` (e.g. tracking ids) is written into the candidate's ``bertshrink.json``.
     """
     teacher_dir, work_dir = Path(teacher_dir), Path(work_dir)
+    recover_leftovers(Path(output_dir))  # a candidate swap a kill interrupted: put the old one back
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     ctx = RecipeContext(teacher_dir, prepared, work_dir, seed, max_length)

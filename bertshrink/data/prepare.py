@@ -12,14 +12,13 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from bertshrink.errors import DataSourceError, MissingArtifactError
-from bertshrink.modelfolder.files import replace_dir
+from bertshrink.modelfolder.files import new_sibling_dir, replace_dir
 from bertshrink.config.params import DataParams
 from bertshrink.data.sources import RawDataset
 
@@ -161,8 +160,7 @@ def prepare_splits(raw: RawDataset, params: DataParams, seed: int) -> PreparedDa
 def write_prepared(prepared: PreparedData, out_dir: Path) -> Path:
     """Write Parquet + meta.json into a temporary folder, then swap it in whole."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = new_sibling_dir(out_dir)
     try:
         for name, frame in prepared.splits.items():
             frame.to_parquet(tmp / f"{name}.parquet", index=False)

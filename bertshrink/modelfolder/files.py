@@ -5,6 +5,7 @@ No heavy imports here: the config layer reads the quantization mode names from t
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,12 +28,18 @@ TorchQuantMode = Literal["int8_dynamic", "int8_weight_only", "fp16", "bf16"]
 TORCH_QUANT_MODES: tuple[str, ...] = get_args(TorchQuantMode)
 TORCH_INT8_MODES = ("int8_dynamic", "int8_weight_only")
 TORCH_BACKEND = "torch"
+
+log = logging.getLogger(__name__)
 ORT_BACKEND = "onnxruntime"
+
+
+def _backup_of(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
 
 
 def replace_dir(new: Path, target: Path) -> None:
     """Replace ``target`` by ``new`` so that a crash never leaves a half-written ``target``."""
-    backup = target.with_name(f".{target.name}.old")
+    backup = _backup_of(target)
     shutil.rmtree(backup, ignore_errors=True)
     if target.exists():
         target.rename(backup)
@@ -40,10 +47,32 @@ def replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
+def recover_leftovers(target: Path) -> list[str]:
+    """Undo what a killed write left next to ``target``; returns what was done, for the log.
+
+    A kill between ``replace_dir``'s two renames leaves the last good folder only as its backup:
+    it is put back. Temp folders a killed write left (``.<name>.*``) are removed: one writer per
+    target at a time, so none of them belongs to a live write.
+    """
+    target, done = Path(target), []
+    backup = _backup_of(target)
+    if backup.is_dir() and not target.exists():
+        backup.rename(target)
+        done.append(f"restored {target} from {backup.name}, left by an interrupted swap")
+    for stale in sorted(target.parent.glob(f".{target.name}.*")) if target.parent.is_dir() else []:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+            done.append(f"removed {stale}, left by an interrupted write")
+    return done
+
+
 def new_sibling_dir(target: Path) -> Path:
-    """An empty temp folder next to ``target``, so the final rename stays on one filesystem."""
+    """An empty temp folder next to ``target``, so the final rename stays on one filesystem;
+    leftovers of an earlier, killed write of ``target`` are cleaned up first."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for line in recover_leftovers(target):
+        log.warning("%s", line)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the final folder should read like any other
     return tmp
