@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
+import psutil
 from mlflow.tracking import MlflowClient
 
 from bertshrink.config.params import RegistryParams
@@ -23,6 +26,9 @@ from bertshrink.config.params import RegistryParams
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_DIR = Path("mlruns")
 PARENT_RUN_ENV = "BERTSHRINK_PARENT_RUN_ID"
+# Which process on which machine owns a run: a run whose process is gone was killed mid-stage.
+HOST_TAG, PID_TAG = "bertshrink.host", "bertshrink.pid"
+ORPHAN_TAG = "bertshrink.orphaned"
 
 
 def tracking_uri() -> str:
@@ -53,6 +59,34 @@ def git_commit() -> str:
     return f"{sha}-dirty" if dirty else sha
 
 
+def _process_gone(pid: int, run_started_ms: int) -> bool:
+    """The process that started a run has exited (or its pid now belongs to a newer process)."""
+    if pid == os.getpid():
+        return False
+    try:
+        return psutil.Process(pid).create_time() * 1000 > run_started_ms + 1000
+    except psutil.NoSuchProcess:
+        return True
+
+
+def fail_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark FAILED the runs of this experiment left RUNNING by a process on this machine that was
+    killed; returns their ids. Runs of live processes, or of other machines, are left alone."""
+    client, host, orphans = MlflowClient(), socket.gethostname(), []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != host or not tags.get(PID_TAG, "").isdigit():
+            continue
+        if _process_gone(int(tags[PID_TAG]), run.info.start_time):
+            client.set_tag(run.info.run_id, ORPHAN_TAG, f"process {tags[PID_TAG]} exited without ending the run")
+            client.set_terminated(run.info.run_id, status="FAILED")
+            orphans.append(run.info.run_id)
+    if orphans:
+        print(f"bertshrink: note: {len(orphans)} MLflow run(s) left RUNNING by a killed process marked FAILED.",
+              file=sys.stderr)
+    return orphans
+
+
 @contextmanager
 def stage_run(stage: str, registry: RegistryParams, parent_run_id: str | None = None) -> Iterator[str]:
     """A run for one stage, nested under the pipeline's parent run when there is one.
@@ -62,9 +96,12 @@ def stage_run(stage: str, registry: RegistryParams, parent_run_id: str | None = 
     """
     experiment_id = configure_tracking(registry)
     parent_run_id = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
-    tags = {"bertshrink.stage": stage, "mlflow.source.git.commit": git_commit()}
+    tags = {"bertshrink.stage": stage, "mlflow.source.git.commit": git_commit(),
+            HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
+    else:  # a new pipeline, or a stage run alone: runs a killed process left behind end FAILED first
+        fail_orphaned_runs(experiment_id)
     client = MlflowClient()
     run = client.create_run(experiment_id, run_name=stage, tags=tags)
     try:
