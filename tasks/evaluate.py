@@ -17,7 +17,7 @@ from bertshrink.evaluation.latency import compare_latency, latency_texts, ratios
 from bertshrink.evaluation.machine import machine_info
 from bertshrink.evaluation.metrics import evaluate_model, flat_metrics
 from bertshrink.modelfolder.meta import read_meta_or_default
-from bertshrink.modelfolder.size import size_on_disk
+from bertshrink.modelfolder.size import content_fingerprint, size_on_disk
 from tracking.runs import log_artifact, log_metrics, log_params, set_tags
 
 
@@ -62,7 +62,9 @@ def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, paths: Artifac
     model_name = name_of(model_dir)
     result = evaluate_model(Path(model_dir), prepared.splits, evaluate, seed=seed)
     result.update({"model": model_name, "evaluation_run_id": run_id, "data_content_hash": prepared.content_hash,
-                   "format": read_meta_or_default(Path(model_dir)).format_label})
+                   "format": read_meta_or_default(Path(model_dir)).format_label,
+                   # which model these figures belong to: register and promote refuse them for any other
+                   "model_fingerprint": content_fingerprint(Path(model_dir))})
     result, disagreements = add_behaviour(result, prepared, paths, model_name)
     predictions = paths.predictions(model_name)
     predictions.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ from bertshrink.config.params import RegistryParams
 from bertshrink.errors import MissingArtifactError, retry_only_transient
 from bertshrink.evaluation.metrics import flat_metrics
 from bertshrink.modelfolder.meta import read_meta
+from bertshrink.modelfolder.size import content_fingerprint
+from bertshrink.selection.rules import stale_reason
 from tracking.registry import SUMMARY_METRICS, log_model_version, version_tags
 from tracking.runs import log_metrics
 
@@ -35,19 +37,26 @@ def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, 
             "(`python -m flows.evaluate` or `dvc repro evaluate`)."
         )
     result = json.loads(Path(metrics_file).read_text())
+    fingerprint = content_fingerprint(Path(model_dir))
+    stale = stale_reason(result, fingerprint, meta.data_content_hash)
+    if stale:
+        raise MissingArtifactError(
+            f"{metrics_file} does not belong to the model in {model_dir}: {stale}. Evaluate first "
+            f"(`python -m flows.evaluate --model-dir {model_dir}` or `dvc repro`), then register.")
     metrics = flat_metrics(result)
     summary = {k: metrics[k] for k in SUMMARY_METRICS if k in metrics}
     info, flavour = log_model_version(model_dir, meta, summary, registry, run_id)
     log_metrics(run_id, summary)
     version = str(info.registered_model_version)
     client = MlflowClient()
-    tags = {**version_tags(meta, result, summary), "flavor": flavour}
+    tags = {**version_tags(meta, result, summary), "flavor": flavour, "model_fingerprint": fingerprint}
     for key, value in tags.items():
         client.set_model_version_tag(registry.model_name, version, key, str(value)[:5000])
     client.set_registered_model_alias(registry.model_name, alias, version)
     record = {"name": registry.model_name, "version": version, "alias": alias, "run_id": run_id,
               "model_uri": f"models:/{registry.model_name}@{alias}", "model_id": info.model_id,
-              "data_content_hash": tags["data_content_hash"], "kind": tags["kind"], "flavor": tags["flavor"]}
+              "data_content_hash": tags["data_content_hash"], "kind": tags["kind"], "flavor": tags["flavor"],
+              "model_fingerprint": fingerprint}
     Path(record_file).parent.mkdir(parents=True, exist_ok=True)
     Path(record_file).write_text(json.dumps(record, indent=2))
     return record

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 from pathlib import Path
 
@@ -259,7 +260,7 @@ def test_open_model_refuses_folders_it_cannot_run(tmp_path):
         open_model(tmp_path / "empty")
 
 
-def test_a_killed_write_leaves_nothing_behind_at_the_next_write(tmp_path, caplog):
+def test_a_killed_write_leaves_nothing_behind_at_the_next_write(tmp_path, caplog, monkeypatch):
     """Issue 13, row 5: a hidden temp folder a SIGKILL left beside the target goes at the next write."""
     from bertshrink.modelfolder.meta import ModelMeta, write_folder
 
@@ -269,6 +270,8 @@ def test_a_killed_write_leaves_nothing_behind_at_the_next_write(tmp_path, caplog
     (stale / "model.safetensors").write_bytes(b"half")
     other = tmp_path / "models" / ".teacher-onnx.x"  # another target's temp folder is not ours to remove
     other.mkdir()
+    # Another library's logging setup earlier in the session may have disabled existing loggers.
+    monkeypatch.setattr(logging.getLogger("bertshrink.modelfolder.files"), "disabled", False)
     with caplog.at_level("WARNING", logger="bertshrink.modelfolder.files"):
         write_folder(target, lambda tmp: ModelMeta(kind="teacher"))
     assert sorted(p.name for p in target.parent.iterdir()) == [".teacher-onnx.x", "teacher"]

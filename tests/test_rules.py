@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from bertshrink.selection.rules import collapse_reason, reported_accuracy
 
 
@@ -47,3 +49,63 @@ def test_register_stage_keeps_a_collapsed_candidate_unregistered(tmp_path, monke
     saved = json.loads((tmp_path / "reports/registry/broken-int8.json").read_text())
     assert saved == record and saved["registered"] is False and saved["collapsed"] is True
     assert saved["alias"] == "broken-int8" and saved["model_dir"] == "models/candidates/broken-int8"
+
+
+def test_stale_reason_known_cases():
+    from bertshrink.selection.rules import stale_reason
+
+    result = {"model_fingerprint": "a" * 64, "data_content_hash": "d" * 64}
+    assert stale_reason(result, "a" * 64, "d" * 64) is None
+    assert stale_reason(result, "b" * 64, "d" * 64) == (f"it measured model {'a' * 12}, but the folder now holds "
+                                                       f"model {'b' * 12}")
+    assert stale_reason(result, "a" * 64, "e" * 64) == (f"it was measured on data {'d' * 12}, but the model was "
+                                                       f"trained on data {'e' * 12}")
+    assert "no model fingerprint" in stale_reason({"data_content_hash": "d" * 64}, "a" * 64, "d" * 64)
+
+
+def test_register_refuses_metrics_of_another_model_and_says_evaluate_first(tmp_path):
+    """Issue 13, row 2: a retrained teacher registered without evaluating it again."""
+    import json
+
+    from bertshrink.config.params import RegistryParams
+    from bertshrink.errors import MissingArtifactError
+    from bertshrink.modelfolder.size import content_fingerprint
+    from conftest import build_tiny_bert
+    from tasks.registry import register_model
+
+    old = build_tiny_bert(tmp_path / "old", num_labels=2, meta={"kind": "teacher", "data_content_hash": "d1"})
+    new = build_tiny_bert(tmp_path / "teacher", num_labels=2, seed=1, meta={"kind": "teacher", "data_content_hash": "d1"})
+    assert content_fingerprint(old) != content_fingerprint(new)
+    assert content_fingerprint(new) == content_fingerprint(new)
+    metrics = tmp_path / "teacher.json"
+    metrics.write_text(json.dumps({"model_fingerprint": content_fingerprint(old), "data_content_hash": "d1",
+                                   "metrics": {"test": {"accuracy": 0.9}}}))
+    record = tmp_path / "registry" / "teacher.json"
+    with pytest.raises(MissingArtifactError, match=r"does not belong to the model in .*teacher: it measured model "
+                                                   r".*Evaluate first \(`python -m flows.evaluate --model-dir"):
+        register_model.fn(str(new), str(metrics), RegistryParams(), "teacher", "no-run", str(record))
+    metrics.write_text(json.dumps({"model_fingerprint": content_fingerprint(new), "data_content_hash": "d0"}))
+    with pytest.raises(MissingArtifactError, match=r"measured on data d0, but the model was trained on data d1"):
+        register_model.fn(str(new), str(metrics), RegistryParams(), "teacher", "no-run", str(record))
+    assert not record.exists()  # nothing registered, nothing recorded
+
+
+def test_promotion_skips_a_model_whose_metrics_measured_another_registered_model(tmp_path):
+    import json
+
+    from bertshrink.config.artifacts import Artifacts
+    from bertshrink.config.params import BaseParams
+    from bertshrink.selection.promotion import constraints_of, ineligibility
+    from bertshrink.config.params import RegistryParams
+    from tasks.promote import STALE, gather_candidates
+
+    paths = Artifacts(BaseParams(metrics_dir=tmp_path / "metrics", reports_dir=tmp_path / "reports"))
+    for name, registered_as in (("teacher", "f1"), ("small", "f0")):
+        paths.metrics(name).parent.mkdir(parents=True, exist_ok=True)
+        paths.metrics(name).write_text(json.dumps({"model_fingerprint": "f1", "metrics": {"test": {"accuracy": 0.9}},
+                                                   "behaviour": {"retention": 1.0, "agreement": 1.0}}))
+        paths.registry_record(name).parent.mkdir(parents=True, exist_ok=True)
+        paths.registry_record(name).write_text(json.dumps({"version": "1", "model_fingerprint": registered_as}))
+    teacher, small = gather_candidates(paths, ["teacher", "small"])
+    assert teacher.status == "ok" and small.status == STALE
+    assert ineligibility(small, constraints_of(RegistryParams())) == f"status {STALE}"

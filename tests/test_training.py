@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import shutil
 
 import pytest
@@ -67,7 +68,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path, tiny_bert, prepa
     assert not (tmp_path / "ckpt").exists()  # spent once the model is saved
 
 
-def test_a_checkpoint_cut_short_is_set_aside_and_the_newest_complete_one_resumed(tmp_path, caplog):
+def test_a_checkpoint_cut_short_is_set_aside_and_the_newest_complete_one_resumed(tmp_path, caplog, monkeypatch):
     """A kill while saving leaves checkpoint-N without (or with a truncated) trainer_state.json."""
     work = tmp_path / "ckpt"
     for step, state in ((2, '{"global_step": 2}'), (4, None), (6, '{"global_st')):
@@ -75,6 +76,8 @@ def test_a_checkpoint_cut_short_is_set_aside_and_the_newest_complete_one_resumed
         (work / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"weights")
         if state is not None:
             (work / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    # Another library's logging setup earlier in the session may have disabled existing loggers.
+    monkeypatch.setattr(logging.getLogger("bertshrink.training.finetune"), "disabled", False)
     with caplog.at_level("WARNING", logger="bertshrink.training.finetune"):
         assert newest_complete_checkpoint(work) == str(work / "checkpoint-2")
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint-2", "incomplete-checkpoint-4",

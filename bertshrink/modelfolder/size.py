@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from bertshrink.modelfolder.files import CONFIG_FILE, META_FILE
@@ -46,3 +47,16 @@ def size_on_disk(model_dir: Path) -> dict:
 def count_parameters(model) -> int:
     """Number of parameter values (tied weights are counted once, as torch lists them once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def content_fingerprint(model_dir: Path) -> str:
+    """sha256 of what the folder ships (weights, config, tokenizer; not its metadata file, whose
+    ``created_at`` changes on every write): the same model gives the same fingerprint."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in size_on_disk(model_dir)["files"]:
+        digest.update(name.encode() + b"\0")
+        with open(model_dir / name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -34,3 +34,17 @@ def collapse_reason(candidate: Mapping[str, Any], teacher: Mapping[str, Any], ma
         return (f"test accuracy {ours:.4f} is {drop:.4f} below the teacher's {theirs:.4f} "
                 f"(compress.max_accuracy_drop = {max_drop})")
     return None
+
+
+def stale_reason(result: Mapping[str, Any], model_fingerprint: str, data_hash: str | None) -> str | None:
+    """Why an evaluation result does not describe the model now in its folder (trained on ``data_hash``),
+    or None when it does: registering or promoting on it would attach another model's figures."""
+    measured = result.get("model_fingerprint")
+    if measured is None:
+        return "it records no model fingerprint (written before fingerprints were recorded)"
+    if measured != model_fingerprint:
+        return f"it measured model {measured[:12]}, but the folder now holds model {model_fingerprint[:12]}"
+    if data_hash is not None and result.get("data_content_hash") != data_hash:
+        return (f"it was measured on data {str(result.get('data_content_hash'))[:12]}, but the model was trained "
+                f"on data {data_hash[:12]}")
+    return None
