@@ -29,7 +29,7 @@ from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from bertshrink.compression.onnx_export import copy_tokenizer_and_config, op_counts
 from bertshrink.config.recipes import CALIBRATION_METHODS, QUANT_FORMATS
 from bertshrink.errors import MissingArtifactError, QuantizationError
-from bertshrink.modelfolder.files import ONNX_FILE
+from bertshrink.modelfolder.files import ONNX_FILE, ORT_BACKEND
 from bertshrink.modelfolder.load import load_tokenizer
 from bertshrink.modelfolder.meta import ModelMeta, read_meta, read_meta_or_default, write_folder
 from bertshrink.modelfolder.onnx_session import make_session
@@ -150,6 +150,18 @@ def _finished_meta(tmp: Path, onnx_dir: Path, quantization: dict) -> ModelMeta:
     return read_meta_or_default(onnx_dir).updated(format="onnx", quantization=quantization)
 
 
+def _entry(mode: str, source: Path, quantized: Path, started: float, **fields) -> dict:
+    """The ``quantization`` metadata entry: backend, mode, the mode's own fields, sizes, seconds."""
+    return {"backend": ORT_BACKEND, "mode": mode, **fields, **_sizes(source, quantized),
+            "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _write(out_dir: Path, fill) -> dict:
+    """Write the quantized folder through the model-folder API; returns its ``quantization`` entry."""
+    write_folder(out_dir, fill)
+    return read_meta(out_dir).quantization
+
+
 def _sizes(source: Path, quantized: Path) -> dict:
     return {
         "bytes_before": source.stat().st_size,
@@ -205,19 +217,11 @@ def quantize_dynamic_onnx(onnx_dir: Path, out_dir: Path, *, per_channel: bool = 
             ) from err
         work.unlink()
         _smoke_test(target)
-        quantization = {
-            "backend": "onnxruntime",
-            "mode": "dynamic",
-            "weight_type": "int8",
-            "per_channel": bool(per_channel),
-            **_kept_fp32_entry(op_types, keep_fp32_op_types, keep_fp32_nodes, excluded),
-            **_sizes(source, target),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        return _finished_meta(tmp, onnx_dir, quantization)
+        return _finished_meta(tmp, onnx_dir, _entry(
+            "dynamic", source, target, start, weight_type="int8", per_channel=bool(per_channel),
+            **_kept_fp32_entry(op_types, keep_fp32_op_types, keep_fp32_nodes, excluded)))
 
-    write_folder(out_dir, fill)
-    return read_meta(out_dir).quantization
+    return _write(out_dir, fill)
 
 
 def _float_type() -> int:
@@ -351,23 +355,12 @@ def quantize_static_onnx(onnx_dir: Path, out_dir: Path, calibration_texts: Seque
         work.unlink()
         _remove_augmented_leftovers(tmp)
         _smoke_test(target)
-        quantization = {
-            "backend": "onnxruntime",
-            "mode": "static",
-            "method": method,
-            "per_channel": bool(per_channel),
-            "format": quant_format,
-            "activation_type": "uint8",
-            "weight_type": "int8",
-            **_kept_fp32_entry(op_types, keep_fp32_op_types, keep_fp32_nodes, excluded),
-            "calibration_batches": len(reader),
-            **_sizes(source, target),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        return _finished_meta(tmp, onnx_dir, quantization)
+        return _finished_meta(tmp, onnx_dir, _entry(
+            "static", source, target, start, method=method, per_channel=bool(per_channel), format=quant_format,
+            activation_type="uint8", weight_type="int8", calibration_batches=len(reader),
+            **_kept_fp32_entry(op_types, keep_fp32_op_types, keep_fp32_nodes, excluded)))
 
-    write_folder(out_dir, fill)
-    return read_meta(out_dir).quantization
+    return _write(out_dir, fill)
 
 
 def _remove_augmented_leftovers(folder: Path) -> None:
@@ -414,17 +407,8 @@ def quantize_int4_onnx(onnx_dir: Path, out_dir: Path, *, block_size: int = 32) -
             raise QuantizationError(f"4-bit quantization of {source} replaced no MatMul (no constant "
                                     "weights found); re-export the model with export_onnx.")
         _smoke_test(target)
-        quantization = {
-            "backend": "onnxruntime",
-            "mode": "weight_only",
-            "bits": 4,
-            "block_size": block_size,
-            "symmetric": False,
-            "matmulnbits_nodes": replaced,
-            **_sizes(source, target),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        return _finished_meta(tmp, onnx_dir, quantization)
+        return _finished_meta(tmp, onnx_dir, _entry(
+            "weight_only", source, target, start, bits=4, block_size=block_size, symmetric=False,
+            matmulnbits_nodes=replaced))
 
-    write_folder(out_dir, fill)
-    return read_meta(out_dir).quantization
+    return _write(out_dir, fill)

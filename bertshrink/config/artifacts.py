@@ -58,10 +58,6 @@ class Artifacts:
     def candidate(self, recipe: str) -> Path:
         return Path(self.base.models_dir) / CANDIDATES / recipe
 
-    def model_dir(self, name: str) -> Path:
-        """The folder of the model called ``name``: the teacher, the floor, or a recipe's candidate."""
-        return {TEACHER: self.teacher, FLOOR: self.floor}.get(name) or self.candidate(name)
-
     def is_teacher(self, model_dir: Path | str) -> bool:
         return Path(model_dir) == self.teacher
 

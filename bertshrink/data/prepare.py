@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from bertshrink.errors import DataSourceError, MissingArtifactError
-from bertshrink.modelfolder.files import new_sibling_dir, replace_dir
+from bertshrink.modelfolder.files import swapped_in
 from bertshrink.config.params import DataParams
 from bertshrink.data.sources import RawDataset
 
@@ -159,18 +158,13 @@ def prepare_splits(raw: RawDataset, params: DataParams, seed: int) -> PreparedDa
 
 def write_prepared(prepared: PreparedData, out_dir: Path) -> Path:
     """Write Parquet + meta.json into a temporary folder, then swap it in whole."""
-    out_dir = Path(out_dir)
-    tmp = new_sibling_dir(out_dir)
-    try:
+    with swapped_in(out_dir) as tmp:
         for name, frame in prepared.splits.items():
             frame.to_parquet(tmp / f"{name}.parquet", index=False)
         if prepared.transfer is not None:
             prepared.transfer.to_parquet(tmp / f"{TRANSFER}.parquet", index=False)
         (tmp / META_FILE).write_text(json.dumps(prepared.meta, indent=2, sort_keys=True))
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def load_prepared(prepared_dir: Path) -> PreparedData:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -76,3 +78,17 @@ def new_sibling_dir(target: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the final folder should read like any other
     return tmp
+
+
+@contextmanager
+def swapped_in(target: Path) -> Iterator[Path]:
+    """A temp sibling of ``target`` to fill; when the block ends normally it replaces ``target`` whole.
+
+    If the block raises, ``target`` is untouched and the temp folder is removed.
+    """
+    tmp = new_sibling_dir(target)
+    try:
+        yield tmp
+        replace_dir(tmp, Path(target))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful swap; leftovers after a failure

@@ -8,6 +8,8 @@ resolves a source (packaged, Hub, local folder) and gives it a head for the data
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +22,17 @@ from bertshrink.modelfolder.files import CONFIG_FILE, SAFETENSORS_FILE, TORCH_WE
 from bertshrink.modelfolder.sources import check_family, load_error_hint, require_hub, resolve_model_source
 from bertshrink.modelfolder.structure import QUANT_KEY, apply_structure, is_restructured
 from bertshrink.modelfolder.torch_quant import prepare_quantized
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """transformers' load report lists the fresh head a new label set gets: expected, so not shown."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _load_state_dict(model_dir: Path) -> dict:
@@ -90,13 +103,9 @@ def load_classifier_with_labels(location, num_labels: int | None = None):
     (transformers' load report about the new head is expected, so it is quieted)."""
     if is_restructured_folder(location):
         return load_classifier(location)  # head/FFN-pruned: rebuilt from its recorded shapes
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
+    with _quiet_load_report():
         return AutoModelForSequenceClassification.from_pretrained(str(location), **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length: int):
@@ -115,24 +124,21 @@ def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length:
         require_hub(f"model '{spec}'", ModelSourceError,
                     "set teacher.model to a local folder or to packaged:all-MiniLM-L6-v2")
     id2label = dict(enumerate(label_names))
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            location,
-            num_labels=len(label_names),
-            id2label=id2label,
-            label2id={name: i for i, name in id2label.items()},
-            # Always a softmax classifier over the data's labels: transformers would otherwise infer
-            # regression from the label dtype or a single output.
-            problem_type="single_label_classification",
-            ignore_mismatched_sizes=True,  # a head fine-tuned for another label set is replaced
-        )
+        with _quiet_load_report():
+            tokenizer = AutoTokenizer.from_pretrained(location)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                location,
+                num_labels=len(label_names),
+                id2label=id2label,
+                label2id={name: i for i, name in id2label.items()},
+                # Always a softmax classifier over the data's labels: transformers would otherwise infer
+                # regression from the label dtype or a single output.
+                problem_type="single_label_classification",
+                ignore_mismatched_sizes=True,  # a head fine-tuned for another label set is replaced
+            )
     except (OSError, ValueError) as err:
         raise ModelSourceError(f"{load_error_hint(spec)}\nCause: {type(err).__name__}: {err}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     check_family(model.config.model_type, spec)  # a Hub id is only known once loaded
     # Downstream users (evaluation, MLflow pipelines) truncate at the length we trained with.
     tokenizer.model_max_length = max_length

@@ -8,7 +8,6 @@ candidate and the floor are described by the same fields.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from bertshrink.errors import MissingArtifactError
-from bertshrink.modelfolder.files import META_FILE, Format, new_sibling_dir, replace_dir
+from bertshrink.modelfolder.files import META_FILE, TORCH_BACKEND, Format, swapped_in
 
 Kind = Literal["teacher", "distilled", "candidate", "floor", "model"]
 
@@ -81,7 +80,7 @@ class ModelMeta(BaseModel):
 
     @property
     def torch_quantized(self) -> bool:
-        return (self.quantization or {}).get("backend") == "torch"
+        return (self.quantization or {}).get("backend") == TORCH_BACKEND
 
 
 def meta_path(folder: Path) -> Path:
@@ -118,15 +117,10 @@ def write_folder(target: Path, fill: Callable[[Path], ModelMeta]) -> Path:
     metadata, which is stamped with ``created_at`` and written last. If anything fails before the
     swap, the previous folder at ``target`` is untouched and the temp folder is removed.
     """
-    target = Path(target)
-    tmp = new_sibling_dir(target)
-    try:
+    with swapped_in(target) as tmp:
         meta = fill(tmp)
         _write_meta_file(tmp, meta.updated(created_at=datetime.now(timezone.utc).isoformat(timespec="seconds")))
-        replace_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful swap; leftovers after a failure
-    return target
+    return Path(target)
 
 
 def update_meta(folder: Path, **values: Any) -> ModelMeta:
