@@ -17,12 +17,10 @@ from prefect.cache_policies import NONE as NO_CACHE
 from bertshrink.config.artifacts import Artifacts, read_json
 from bertshrink.config.params import RegistryParams
 from bertshrink.selection.promotion import (CHALLENGER_ALIAS, CHAMPION_ALIAS, Candidate, candidate_from_result,
-                                            constraints_of,
-                                            champion_decision, choose)
+                                            champion_decision, choose, constraints_of)
 from tracking.registry import current_champion, move_alias
-
-STALE = "stale (its metrics measured another model than the registered one: evaluate and register it again)"
 from tracking.runs import configure_tracking
+
 
 def gather_candidates(paths: Artifacts, names: list[str], failed: dict[str, str] | None = None) -> list[Candidate]:
     """Teacher + recipes as the rule sees them: metrics, registration record, interleaved latency."""
@@ -35,10 +33,6 @@ def gather_candidates(paths: Artifacts, names: list[str], failed: dict[str, str]
             continue
         result = read_json(paths.metrics(name))
         record = read_json(paths.registry_record(name))
-        if result and record and record.get("model_fingerprint") not in (None, result.get("model_fingerprint")):
-            # the registered version is not the model these metrics measured: promote on neither
-            candidates.append(Candidate(name, status=STALE))
-            continue
         candidates.append(candidate_from_result(name, result, record, (compared.get(name) or {}).get("latency")))
     return candidates
 

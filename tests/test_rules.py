@@ -95,9 +95,9 @@ def test_promotion_skips_a_model_whose_metrics_measured_another_registered_model
 
     from bertshrink.config.artifacts import Artifacts
     from bertshrink.config.params import BaseParams
-    from bertshrink.selection.promotion import constraints_of, ineligibility
     from bertshrink.config.params import RegistryParams
-    from tasks.promote import STALE, gather_candidates
+    from bertshrink.selection.promotion import STALE, constraints_of, ineligibility
+    from tasks.promote import gather_candidates
 
     paths = Artifacts(BaseParams(metrics_dir=tmp_path / "metrics", reports_dir=tmp_path / "reports"))
     for name, registered_as in (("teacher", "f1"), ("small", "f0")):

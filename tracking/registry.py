@@ -5,18 +5,17 @@ BERT folders, onnx for ONNX candidates, a pyfunc model (``pyfunc_model.py``, car
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 from datetime import datetime, timezone
 from importlib.metadata import version as installed_version
+from pathlib import Path
 
 import mlflow
 import onnx
 import pandas as pd
 from huggingface_hub import ModelCard
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
 from transformers import pipeline
 
 from bertshrink.config.params import RegistryParams

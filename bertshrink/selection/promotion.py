@@ -21,6 +21,7 @@ OBJECTIVES: tuple[str, ...] = ("fastest", "smallest", "most_accurate")
 CHALLENGER_ALIAS = "challenger"
 CHAMPION_ALIAS = "champion"
 OK = "ok"
+STALE = "stale (its metrics measured another model than the registered one: evaluate and register it again)"
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,8 @@ def candidate_from_result(name: str, result: dict | None, record: dict | None = 
                           latency: dict | None = None) -> Candidate:
     """A ``Candidate`` from an evaluation result, its registration record and (optionally) compared latency.
 
-    No result means the evaluation failed; a record with ``registered: false`` means it collapsed.
+    No result means the evaluation failed; a record with ``registered: false`` means it collapsed; a
+    record whose model fingerprint differs from the result's means the metrics are stale.
     """
     if not result:
         return Candidate(name, status="failed")
@@ -220,6 +222,9 @@ def candidate_from_result(name: str, result: dict | None, record: dict | None = 
     b1 = latency.get("batch_1") or {}
     behaviour = result.get("behaviour") or {}
     record = record or {}
+    if record.get("model_fingerprint") not in (None, result.get("model_fingerprint")):
+        # the registered version is not the model these metrics measured: promote on neither
+        return Candidate(name, status=STALE)
     status = "collapsed" if record.get("collapsed") else OK
     return Candidate(
         name=name, version=None if record.get("registered") is False else record.get("version"),
