@@ -221,7 +221,7 @@ def fine_tune(prepared: PreparedData, source: str, knobs: TrainingKnobs, output_
     encoded = tokenize_splits(prepared, tokenizer, max_length)
     # What the run's result depends on: a change to any of it starts over instead of resuming.
     params = {"model": source, "max_length": max_length, "layerdrop": layerdrop,
-              **knobs.model_dump(mode="json", exclude={"resume", "save_steps"})}
+              **knobs.training_knobs().model_dump(mode="json")}
     fp = fingerprint(params, prepared.content_hash, seed)
     resume_from = _checkpoint_to_resume(Path(work_dir), fp, resume)
     args = training_arguments(knobs, Path(work_dir), seed, precision_flags, device, save_steps)
