@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from bertshrink.errors import DataSourceError, MissingArtifactError
-from bertshrink.modelfolder.files import swapped_in
 from bertshrink.config.params import DataParams
 from bertshrink.data.sources import RawDataset
+from bertshrink.errors import DataSourceError, MissingArtifactError
+from bertshrink.modelfolder.files import swapped_in
 
 SPLITS = ("train", "validation", "test")
 TRANSFER = "transfer"

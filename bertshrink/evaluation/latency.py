@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from bertshrink.config.params import EvaluateParams
+from bertshrink.config.recipes import EVALUATION_SPLITS
 from bertshrink.modelfolder.runners import open_model
 
 @contextlib.contextmanager
@@ -140,7 +141,7 @@ def compare_latency(model_dirs: Mapping[str, Path], texts: Sequence[str], params
     return results
 
 
-def latency_texts(splits: Mapping[str, pd.DataFrame], eval_splits: Sequence[str] = ("validation", "test")) -> list[str]:
+def latency_texts(splits: Mapping[str, pd.DataFrame], eval_splits: Sequence[str] = EVALUATION_SPLITS) -> list[str]:
     # Latency uses the real test texts; fall back to the last evaluated split.
     name = "test" if "test" in splits else eval_splits[-1]
     return splits[name]["text"].astype(str).tolist()

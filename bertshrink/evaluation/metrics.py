@@ -21,6 +21,7 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 
 from bertshrink.config.params import EvaluateParams
+from bertshrink.config.recipes import EVALUATION_SPLITS
 from bertshrink.errors import MissingArtifactError
 from bertshrink.evaluation.latency import fixed_threads, latency_texts, measure_latency
 from bertshrink.evaluation.machine import machine_info
@@ -93,7 +94,7 @@ def peak_memory_mb() -> float:
 
 
 def evaluate_model(model_dir: Path, splits: dict[str, pd.DataFrame], params: EvaluateParams,
-                   seed: int = 0, eval_splits: Sequence[str] = ("validation", "test")) -> dict:
+                   seed: int = 0, eval_splits: Sequence[str] = EVALUATION_SPLITS) -> dict:
     """Accuracy on ``eval_splits``, size, parameter count, latency per batch size, peak memory."""
     start = time.perf_counter()
     model_dir = Path(model_dir)
