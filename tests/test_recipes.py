@@ -1,5 +1,7 @@
 """Compression recipes parse into typed steps; bad recipes fail at params time, naming recipe and step."""
 
+import re
+
 import pytest
 
 from bertshrink.errors import ParamsError
@@ -31,25 +33,37 @@ def test_default_params_have_no_recipes():
 
 @pytest.mark.parametrize("raw, fragment", [
     ({"r1": [{"prune_layers": {}}]}, "compress.recipes.r1: Value error, unknown step 'prune_layers'"),
-    ({"r1": [{"prune_heads": {"ratio": 1.0}}]}, "compress.recipes.r1.steps.0.prune_heads.ratio"),
+    ({"r1": [{"prune_heads": {"ratio": 1.0}}]}, "compress.recipes.r1[0].prune_heads.ratio"),
     ({"r1": [{"prune_heads": {}}]}, "give exactly one of ratio"),
-    ({"r1": [{"distill": {"tempreature": 3}}]}, "compress.recipes.r1.steps.0.distill.tempreature: unknown key"),
+    ({"r1": [{"distill": {"tempreature": 3}}]}, "compress.recipes.r1[0].distill.tempreature: unknown key"),
     ({"r1": [{"distill": {"alpha_ce": 0, "alpha_kd": 0}}]}, "at least one of alpha_ce"),
     ({"r1": [{"drop_layers": {"strategy": "explicit"}}]}, "needs a non-empty `layers` list"),
-    ({"r1": [{"magnitude": {"sparsity": 1.0}}]}, "compress.recipes.r1.steps.0.magnitude.sparsity"),
-    ({"r1": []}, "compress.recipes.r1.steps"),
+    ({"r1": [{"magnitude": {"sparsity": 1.0}}]}, "compress.recipes.r1[0].magnitude.sparsity"),
+    ({"r1": []}, "compress.recipes.r1"),
     ({"bad name": ["prune_vocab"]}, "recipe name 'bad name'"),
     ({"teacher": ["prune_vocab"]}, "cannot be named 'teacher'"),
     ({"champion": ["prune_vocab"]}, "recipe name 'champion' is reserved"),
     ({"v2": ["prune_vocab"]}, "recipe name 'v2' is reserved"),
     ({"r1": ["prune_vocab", {"distill": {}}]}, "put prune_vocab after distill"),
     ({"r1": ["factorize_embeddings", "factorize_embeddings"]}, "factorised once"),
-    ({"r1": [{"factorize_embeddings": {"rank": 0}}]}, "compress.recipes.r1.steps.0.factorize_embeddings.rank"),
+    ({"r1": [{"factorize_embeddings": {"rank": 0}}]}, "compress.recipes.r1[0].factorize_embeddings.rank"),
 ])
 def test_bad_recipes_fail_naming_recipe_and_step(raw, fragment):
     with pytest.raises(ParamsError) as err:
         recipes(raw)
     assert fragment in str(err.value)
+
+
+def test_a_step_key_typo_is_one_error_listing_the_steps_keys():
+    """Issue 13, row 9: ``distill: {epoch: 1}`` names the key and lists what is allowed, without
+    pydantic's consequential "Tuple should have at least 1 item" about the emptied recipe."""
+    with pytest.raises(ParamsError) as err:
+        recipes({"r1": [{"distill": {"epoch": 1}}]})
+    problems = [line for line in str(err.value).splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("  - compress.recipes.r1[0].distill.epoch: unknown key; allowed keys: ")
+    assert "epochs" in problems[0] and "student_layers" in problems[0] and "kind" not in problems[0]
+    assert "Tuple" not in str(err.value)
 
 
 def test_impossible_numbers_against_the_teacher_shape():
@@ -199,8 +213,8 @@ def test_each_training_section_rejects_the_same_out_of_range_knob(knob, value, m
     {"compress": {"recipes": {"r1": [{"quant_noise": {"learning_rate": 2.0}}]}}},
 ])
 def test_out_of_range_learning_rate_names_the_key_in_every_section(where):
-    key = "teacher" if "teacher" in where else f"compress.recipes.r1.steps.0.{next(iter(where['compress']['recipes']['r1'][0]))}"
-    with pytest.raises(ParamsError, match=f"{key}.learning_rate: Input should be less than 1 \\(got 2.0\\)"):
+    key = "teacher" if "teacher" in where else f"compress.recipes.r1[0].{next(iter(where['compress']['recipes']['r1'][0]))}"
+    with pytest.raises(ParamsError, match=re.escape(f"{key}.learning_rate: Input should be less than 1 (got 2.0)")):
         parse_params(where)
 
 
@@ -249,5 +263,5 @@ def test_distill_step_checks_at_construction():
     assert staged.loss_weights("prediction") == {"ce": 0.5, "kd": 0.5, "hidden": 0.0, "attention": 0.0, "embedding": 0.0}
     assert staged.loss_weights() == {"ce": 0.5, "kd": 0.5, "hidden": 1.0, "attention": 0.0, "embedding": 0.0}
     # the same rules in params.yaml, with the recipe and step named
-    with pytest.raises(ParamsError, match="compress.recipes.r1.steps.0.distill: Value error, two_stage needs"):
+    with pytest.raises(ParamsError, match=re.escape("compress.recipes.r1[0].distill: Value error, two_stage needs")):
         recipes({"r1": [{"distill": {"two_stage": True}}]})

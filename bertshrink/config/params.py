@@ -8,7 +8,8 @@ message that names the key and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -181,24 +182,68 @@ class Params(_Section):
         return flat
 
 
+def _unwrap(annotation: Any) -> Any:
+    """``Annotated[X, ...]`` and ``X | None`` -> ``X``."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = members[0] if len(members) == 1 else annotation
+    return annotation
+
+
+def _child_type(annotation: Any, part: Any) -> Any:
+    """The type one step down an error location: a model's field, a dict's value, a tuple's item,
+    or the member of a discriminated union (recipe steps) that ``part`` names; None if unknown."""
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = next((f for name, f in annotation.model_fields.items() if part in (name, f.alias)), None)
+        return None if field is None else field.annotation
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is dict:
+        return args[1]
+    if origin in (tuple, list):
+        return args[0]
+    if origin in (Union, UnionType):
+        return next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)
+                     and getattr(a.model_fields.get("kind"), "default", None) == part), None)
+    return None
+
+
 def _allowed_hint(loc: tuple, model: type[BaseModel]) -> str:
-    """The keys allowed at ``loc`` (for unknown-key errors)."""
+    """The keys allowed at ``loc`` (for unknown-key errors), wherever it is nested."""
+    annotation: Any = model
     for part in loc[:-1]:
-        field = next(
-            (f for name, f in model.model_fields.items() if part in (name, f.alias)), None
-        )
-        if field is None or not isinstance(field.annotation, type):
-            return ""
-        model = field.annotation
-    names = [f.alias or name for name, f in model.model_fields.items()]
+        annotation = _child_type(annotation, part)
+    annotation = _unwrap(annotation)
+    if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return ""
+    names = [f.alias or name for name, f in annotation.model_fields.items() if name != "kind"]
     return f"; allowed keys: {', '.join(sorted(names))}"
+
+
+def _key(loc: tuple) -> str:
+    """A location as the user wrote it: ``compress.recipes.a[0].distill.epoch``."""
+    parts = [p for i, p in enumerate(loc) if not (p == "steps" and loc[:2] == ("compress", "recipes") and i == 3)]
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or "<root>"
+
+
+def _is_consequence(error: dict, errors: list[dict]) -> bool:
+    """A list left empty only because its items failed (pydantic's ``too_short`` "after
+    validation"): the items' own errors say it, so this one would only confuse."""
+    loc = tuple(error["loc"])
+    return error["type"] == "too_short" and any(
+        len(other["loc"]) > len(loc) and tuple(other["loc"][:len(loc)]) == loc for other in errors)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"Invalid parameters in {source}:"]
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors:
+        if _is_consequence(e, errors):
+            continue
         loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc) or "<root>"
+        key = _key(loc)
         if e["type"] == "extra_forbidden":
             lines.append(f"  - {key}: unknown key{_allowed_hint(loc, Params)}")
             continue
