@@ -56,16 +56,28 @@ class CompressionError(BertshrinkError):
     exit_code = 8
 
 
+class OutputError(BertshrinkError):
+    """A folder a stage writes to cannot be written (permissions, read-only disk, a file in the way)."""
+
+    exit_code = 9
+
+
 class QuantizationError(CompressionError, ValueError):
     """A quantization setting is out of range, or cannot be applied to this model or machine."""
 
 
+def is_network_error(err: BaseException) -> bool:
+    """Connection resets and time-outs, whichever HTTP library raised them."""
+    return isinstance(err, (ConnectionError, TimeoutError)) or any(
+        word in type(err).__name__ for word in ("Timeout", "Connect"))
+
+
 def is_transient(err: BaseException) -> bool:
-    """Whether retrying ``err`` can help: our errors say so; others (tracking-server or HTTP
-    hiccups) are given the benefit of the doubt, since a bug fails the same way again anyway."""
+    """Whether retrying ``err`` can help: our errors say so; of the others, only a dropped
+    connection or a time-out (a tracking server's hiccup). A bug fails the same way again."""
     if isinstance(err, BertshrinkError):
         return err.transient
-    return True
+    return is_network_error(err)
 
 
 def retry_only_transient(task, task_run, state) -> bool:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import os
 import sys
-from typing import Callable
+import traceback
+from pathlib import Path
+from typing import Callable, NoReturn
+
+import datasets
 
 from bertshrink.config.artifacts import Artifacts
 from bertshrink.config.params import DEFAULT_PARAMS_FILE, Params, load_params
 from bertshrink.errors import BertshrinkError, ParamsError
+from flows._prefect_server import mark_servers_as_mine, stop_orphaned_servers
 
 
 def quiet_libraries() -> None:
@@ -20,6 +26,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # The machines this runs on are often offline; Prefect's telemetry would only time out.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Progress bars for reading a few thousand rows are noise in front of the messages that matter.
+    datasets.disable_progress_bars()
     for name in ("alembic", "mlflow.store.db.utils", "great_expectations"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -65,9 +73,103 @@ def parse_args(description: str, argv: list[str] | None = None, extra: Callable 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=str(DEFAULT_PARAMS_FILE), help="params file (default: params.yaml)")
     parser.add_argument("--parent-run-id", default=None, help="MLflow run to nest this stage's run under")
+    add_debug_option(parser)
     if extra:
         extra(parser)
     return parser.parse_args(argv)
+
+
+def add_debug_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="print tracebacks on the console too (they always go to the run log)")
+
+
+class _NoTraceback(logging.Formatter):
+    """The console's formatter, minus tracebacks: the message line of a record stays."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        plain = logging.makeLogRecord(record.__dict__)
+        plain.exc_info = plain.exc_text = plain.stack_info = None
+        return self.inner.format(plain)
+
+
+def _not_a_failure_report(record: logging.LogRecord) -> bool:
+    """False for Prefect's reports of a failed task or flow run, which repeat (with tracebacks,
+    once per level of nesting) the error that the one ``bertshrink:`` line states at the end."""
+    if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+        return record.levelno < logging.ERROR and not record.getMessage().startswith("Finished in state Failed")
+    return not record.getMessage().startswith("Stopping temporary server")
+
+
+def start_run_log(log_file: Path, debug: bool = False) -> Path | None:
+    """Everything logged goes to ``log_file`` with tracebacks; the console keeps the progress lines
+    but not the failure reports and tracebacks (with ``debug``, it keeps those too).
+
+    Returns the log file, or None where it cannot be written (the console then is all there is).
+    """
+    root = logging.getLogger()
+    if not debug:
+        for handler in root.handlers:  # Prefect's console handler, set up when prefect was imported
+            handler.addFilter(_not_a_failure_report)
+            handler.setFormatter(_NoTraceback(handler.formatter))
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=20_000_000, backupCount=1)
+    except OSError:
+        return None
+    file_handler.setLevel(logging.INFO)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s - %(message)s"))
+    root.addHandler(file_handler)
+    _to_log_file(f"---- {' '.join(sys.argv)} (pid {os.getpid()})")
+    return log_file
+
+
+def _to_log_file(message: str, err: BaseException | None = None) -> None:
+    """A line (and ``err``'s traceback) into the run log alone: the console has its one line."""
+    exc_info = (type(err), err, err.__traceback__) if err is not None else None
+    record = logging.LogRecord(__name__, logging.ERROR if err else logging.INFO, __file__, 0, message, None, exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def fail(message: str, exit_code: int, err: BaseException | None = None, log_file: Path | None = None,
+         debug: bool = False) -> NoReturn:
+    """End the process with one ``bertshrink:`` line; the traceback goes to the log (or here with --debug)."""
+    if err is not None:
+        _to_log_file(f"failed: {message}", err)
+        if debug:
+            traceback.print_exception(err, file=sys.stderr)
+    print(f"\nbertshrink: {message}", file=sys.stderr)
+    if err is not None and log_file is not None and not debug:
+        print(f"bertshrink: the traceback is in {log_file} (or rerun with --debug).", file=sys.stderr)
+    sys.exit(exit_code)
+
+
+def run_cli(work: Callable[[Params], object], params_file: str, debug: bool = False) -> None:
+    """Load params (fail fast), clear what killed runs left, run ``work(params)``; every failure
+    ends in one ``bertshrink:`` line and a non-zero exit, its traceback in the run log."""
+    quiet_libraries()
+    log_file = None
+    try:
+        params = load_params(params_file)
+        log_file = start_run_log(Artifacts(params.base).run_log, debug)
+        stop_orphaned_servers()
+        mark_servers_as_mine()
+        work(params)
+    except ParamsError as err:  # the key and the fix are the whole story: no traceback to keep
+        fail(f"{type(err).__name__}: {err}", err.exit_code, debug=debug)
+    except BertshrinkError as err:
+        fail(f"{type(err).__name__}: {err}", err.exit_code, err, log_file, debug)
+    except KeyboardInterrupt:
+        fail(interrupted_message(params_file), 130)
+    except Exception as err:  # a bug, or a case not handled yet: still one line, and the traceback kept
+        fail(f"unexpected {type(err).__name__}: {str(err).rstrip('.')}. This is a bug or a case bertshrink "
+             "does not handle yet; please report it with the log named below.", 1, err, log_file, debug)
 
 
 def run_stage(flow_fn: Callable, description: str, argv: list[str] | None = None, extra: Callable | None = None,
@@ -76,15 +178,7 @@ def run_stage(flow_fn: Callable, description: str, argv: list[str] | None = None
 
     ``extra`` adds stage-specific options to the parser; ``cli_args`` names those passed to the flow.
     """
-    quiet_libraries()
     args = parse_args(description, argv, extra)
-    try:
-        params: Params = load_params(args.params)
-        extra_kwargs = {name: getattr(args, name) for name in cli_args}
-        flow_fn(params=params, parent_run_id=args.parent_run_id, **extra_kwargs)
-    except BertshrinkError as err:
-        print(f"\nbertshrink: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print(f"\nbertshrink: {interrupted_message(args.params)}", file=sys.stderr)
-        sys.exit(130)
+    extra_kwargs = {name: getattr(args, name) for name in cli_args}
+    run_cli(lambda params: flow_fn(params=params, parent_run_id=args.parent_run_id, **extra_kwargs),
+            args.params, args.debug)

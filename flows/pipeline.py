@@ -24,10 +24,9 @@ from prefect.artifacts import create_markdown_artifact
 from bertshrink.config.artifacts import Artifacts
 from bertshrink.config.params import DEFAULT_PARAMS_FILE, Params, load_params
 from bertshrink.config.recipes import check_against_config
-from bertshrink.errors import BertshrinkError
 from bertshrink.modelfolder.files import CONFIG_FILE
 from bertshrink.modelfolder.sources import resolve_model_source
-from flows._cli import interrupted_message, quiet_libraries
+from flows._cli import add_debug_option, run_cli
 from flows.compare import compare_flow
 from flows.compress import compress_flow, recipes_failed, recipes_that_cannot_apply
 from flows.evaluate import evaluate_flow
@@ -156,21 +155,17 @@ def check_recipes_before_training(params: Params) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=str(DEFAULT_PARAMS_FILE))
     parser.add_argument("--no-dvc-commit", action="store_true", help="do not record results in dvc.lock")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
-    try:
-        # reject bad params before Prefect or MLflow start
-        check_recipes_before_training(load_params(args.params))
+
+    def check_then_run(params: Params) -> None:
+        check_recipes_before_training(params)  # before Prefect or MLflow start
         pipeline_flow(params_file=args.params, dvc_commit=not args.no_dvc_commit)
-    except BertshrinkError as err:
-        print(f"\nbertshrink: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print(f"\nbertshrink: {interrupted_message(args.params)}", file=sys.stderr)
-        sys.exit(130)
+
+    run_cli(check_then_run, args.params, args.debug)
 
 
 if __name__ == "__main__":

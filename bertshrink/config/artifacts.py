@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bertshrink.config.params import BaseParams
+from bertshrink.modelfolder.files import require_writable
 
 TEACHER = "teacher"
 FLOOR = "floor"
@@ -65,6 +66,19 @@ class Artifacts:
         """Work folders for resumable training and recipe steps (``checkpoints/teacher``, ...)."""
         return Path(self.base.checkpoints_dir).joinpath(*parts)
 
+    # ------------------------------------------------------------------ before writing
+    def setting_of(self, path: Path) -> str:
+        """The ``base`` setting that places ``path`` (``base.models_dir``, ...), for messages."""
+        for name in ("prepared_dir", "models_dir", "metrics_dir", "reports_dir", "checkpoints_dir"):
+            root = Path(getattr(self.base, name))
+            if Path(path) == root or root in Path(path).parents:
+                return f"base.{name}"
+        return "base"
+
+    def require_writable(self, *folders: Path) -> None:
+        """``OutputError`` now, before the long work, unless a stage can write to each of ``folders``."""
+        require_writable({Path(folder): self.setting_of(folder) for folder in folders})
+
     # ------------------------------------------------------------------ measurements
     def metrics(self, name: str) -> Path:
         return Path(self.base.metrics_dir) / f"{name}.json"
@@ -102,3 +116,8 @@ class Artifacts:
     @property
     def pipeline_summary(self) -> Path:
         return Path(self.base.reports_dir) / "pipeline_summary.md"
+
+    @property
+    def run_log(self) -> Path:
+        """Every command's log with full tracebacks (the console shows one line per error)."""
+        return Path(self.base.reports_dir) / "logs" / "bertshrink.log"
