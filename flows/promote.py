@@ -19,10 +19,10 @@ from mlflow.tracking import MlflowClient
 from prefect import flow
 
 from bertshrink.config.artifacts import TEACHER, Artifacts, read_json
-from bertshrink.config.params import Params, load_params
-from bertshrink.errors import BertshrinkError, MissingArtifactError, ParamsError
+from bertshrink.config.params import Params
+from bertshrink.errors import MissingArtifactError, ParamsError
 from bertshrink.selection.promotion import CHAMPION_ALIAS, candidate_from_tags, check_manual_promotion, constraints_of
-from flows._cli import parse_args, quiet_libraries, run_stage
+from flows._cli import parse_args, run_cli, run_stage
 from tasks.promote import promote_task
 from tracking.registry import move_alias, version_model_name
 from tracking.runs import configure_tracking, log_artifact, set_tags, stage_run
@@ -87,18 +87,14 @@ def _options(parser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    quiet_libraries()
     args = parse_args(__doc__.splitlines()[0], argv, _options)
     if not (args.version or args.alias):
         if args.force or args.reason:
             sys.exit("bertshrink: --force/--reason go with --version or --alias (a promotion by hand).")
         run_stage(promote_flow, __doc__, argv)
         return
-    try:
-        promote_by_hand(load_params(args.params), args.version, args.alias, args.force, args.reason)
-    except BertshrinkError as err:
-        print(f"\nbertshrink: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
+    run_cli(lambda params: promote_by_hand(params, args.version, args.alias, args.force, args.reason),
+            args.params, args.debug)
 
 
 if __name__ == "__main__":
