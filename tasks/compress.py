@@ -25,6 +25,8 @@ def teacher_model_version(paths: Artifacts) -> str:
 @task(name="compress-recipe", cache_policy=NO_CACHE)
 def compress_recipe(name: str, recipe: Recipe, paths: Artifacts, seed: int, run_id: str) -> dict:
     """Apply ``recipe`` to the teacher into ``models/candidates/<name>``; log steps to MLflow."""
+    paths.require_writable(paths.candidate(name).parent, paths.checkpoints("compress", name),
+                           paths.compress_steps(name).parent)
     prepared = load_prepared(paths.prepared)
     teacher = read_meta(paths.teacher)
     out = paths.candidate(name)

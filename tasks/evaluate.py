@@ -58,8 +58,10 @@ def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, paths: Artifac
     Writes ``metrics/<model>.json`` (+ MLflow), the predictions and the disagreements with the
     teacher (``tasks.repeats`` adds the spread over seeds for a recipe's candidate).
     """
-    prepared = load_prepared(paths.prepared)
     model_name = name_of(model_dir)
+    paths.require_writable(paths.metrics(model_name).parent, paths.predictions(model_name).parent,
+                           paths.disagreements(model_name).parent)
+    prepared = load_prepared(paths.prepared)
     result = evaluate_model(Path(model_dir), prepared.splits, evaluate, seed=seed)
     result.update({"model": model_name, "evaluation_run_id": run_id, "data_content_hash": prepared.content_hash,
                    "format": read_meta_or_default(Path(model_dir)).format_label,

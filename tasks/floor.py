@@ -16,6 +16,7 @@ from tracking.runs import log_artifact, log_metrics, log_params, set_tags
 @task(name="train-floor", cache_policy=NO_CACHE)
 def train_floor_task(floor: FloorParams, paths: Artifacts, seed: int, run_id: str) -> dict:
     """Fit the floor on the train split (C chosen on validation) into ``models/floor``."""
+    paths.require_writable(paths.floor.parent)
     prepared = load_prepared(paths.prepared)
     pipeline, search = train_floor(prepared, floor, seed)
     out = save_floor(pipeline, prepared, floor, search, paths.floor)

@@ -17,6 +17,7 @@ from tracking.runs import log_artifact, log_history, log_metrics, log_params, se
 @task(name="train-teacher", cache_policy=NO_CACHE)
 def train_teacher_task(teacher: TeacherParams, paths: Artifacts, seed: int, run_id: str) -> dict:
     """Fine-tune the teacher into ``models/teacher``; returns its folder and metrics."""
+    paths.require_writable(paths.teacher.parent, paths.checkpoints(TEACHER))
     prepared = load_prepared(paths.prepared)
     result = train_teacher(prepared, teacher, paths.teacher, paths.checkpoints(TEACHER), seed,
                            extra_meta={"training_run_id": run_id})

@@ -6,12 +6,15 @@ No heavy imports here: the config layer reads the quantization mode names from t
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, get_args
+
+from bertshrink.errors import OutputError
 
 META_FILE = "bertshrink.json"          # our metadata (``meta.ModelMeta``)
 CONFIG_FILE = "config.json"            # transformers' config (the floor writes a small one too)
@@ -92,3 +95,38 @@ def swapped_in(target: Path) -> Iterator[Path]:
         replace_dir(tmp, Path(target))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful swap; leftovers after a failure
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself if it exists, else its closest existing ancestor (where it would be created)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _write_probe(place: Path) -> None:
+    """Create and remove a temp file in ``place``: mode bits say nothing for root or a read-only mount."""
+    if not place.is_dir():
+        raise NotADirectoryError(f"{place} is a file, not a folder")
+    handle, name = tempfile.mkstemp(prefix=".bertshrink-write-check.", dir=place)
+    os.close(handle)
+    os.unlink(name)
+
+
+def require_writable(folders: Mapping[Path, str]) -> None:
+    """Raise ``OutputError`` unless every folder (mapped to the setting that places it) can be written.
+
+    Called before long work, so a run does not fail on its last write after an hour of training.
+    """
+    for folder, setting in folders.items():
+        place = _nearest_existing(folder)
+        try:
+            _write_probe(place)
+        except OSError as err:
+            why = str(err) if isinstance(err, NotADirectoryError) else f"{place} is not writable ({err.strerror})"
+            raise OutputError(
+                f"Cannot write to {folder}: {why}. Make {place} a folder this user can write to (its "
+                f"permissions and owner; a disk mounted read-only), or point {setting} in params.yaml at a "
+                "writable folder."
+            ) from None
