@@ -12,7 +12,7 @@ from tracking.runs import stage_run
 @flow(name="prepare")
 def prepare_flow(params: Params, parent_run_id: str | None = None) -> dict:
     with stage_run("prepare", params.registry, parent_run_id) as run_id:
-        return prepare_data(params.data, Artifacts(params.base), params.base.seed, run_id)
+        return prepare_data(params.data, params.validate_, Artifacts(params.base), params.base.seed, run_id)
 
 
 if __name__ == "__main__":

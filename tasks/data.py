@@ -19,13 +19,18 @@ from tracking.runs import log_artifact, log_metrics, log_params, set_tags
 # A Hub download can fail transiently; a missing file or column cannot, and is not retried.
 @task(name="prepare-data", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_only_transient,
       cache_policy=NO_CACHE)
-def prepare_data(data: DataParams, paths: Artifacts, seed: int, run_id: str) -> dict:
-    """Load the source, split it, write Parquet + meta.json; returns the meta."""
+def prepare_data(data: DataParams, validate: ValidateParams, paths: Artifacts, seed: int, run_id: str) -> dict:
+    """Load the source, split it, check the rows with the validation suite, and only then swap in
+    the Parquet + meta.json (a bad source leaves the last good data/prepared); returns the meta."""
+    paths.require_writable(paths.prepared.parent)
     raw = load_raw_dataset(data.source, data.text_column, data.label_column, data.split_names)
     prepared = prepare_splits(raw, data, seed)
+    assert_valid(run_validation(prepared.splits, prepared.label_names, validate))
     out_dir = write_prepared(prepared, paths.prepared)
     log_params(run_id, {f"data.{k}": v for k, v in data.model_dump(mode="json").items()})
-    log_metrics(run_id, {f"rows.{k}": v for k, v in prepared.meta["rows"].items()})
+    log_metrics(run_id, {f"rows.{k}": v for k, v in prepared.meta["rows"].items()}
+                | {f"dropped.{kind}.{split}": entry["count"] for kind, splits in prepared.meta["dropped"].items()
+                   for split, entry in splits.items()})
     set_tags(run_id, {"data.content_hash": prepared.content_hash, "data.source": raw.source})
     log_artifact(run_id, out_dir / "meta.json")
     return prepared.meta

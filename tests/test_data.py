@@ -137,7 +137,7 @@ def test_duplicates_are_dropped_before_splitting():
     dupes = frame.iloc[:5].assign(text=lambda f: "  " + f["text"].str.upper() + " ")
     raw.splits["train"] = pd.concat([frame, dupes], ignore_index=True)
     prepared = prepare_splits(raw, DataParams(), seed=0)
-    assert prepared.meta["duplicates_dropped"]["train"] == 5
+    assert prepared.meta["dropped"]["duplicate"]["train"] == {"count": 5, "rows": [120, 121, 122, 123, 124]}
     assert sum(prepared.meta["rows"].values()) == 120
 
 
@@ -152,7 +152,7 @@ def test_train_rows_seen_in_evaluation_splits_are_dropped():
     frame = toy_raw().splits["train"]
     raw = RawDataset({"train": frame, "test": frame.iloc[:30].copy()}, ["film", "money", "sport"], "toy")
     prepared = prepare_splits(raw, DataParams(), seed=0)
-    assert prepared.meta["duplicates_dropped"]["train"] == 30
+    assert prepared.meta["dropped"]["in_evaluation_split"]["train"] == {"count": 30, "rows": list(range(20))}  # the first 20 listed
     assert len(prepared.splits["test"]) == 30
 
 

