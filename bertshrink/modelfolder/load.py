@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -35,15 +36,41 @@ def _quiet_load_report() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
 
 
+def _corrupt(path: Path, cause: BaseException) -> ModelSourceError:
+    """What to do about a weights file that cannot be read: it is truncated or corrupt."""
+    return ModelSourceError(
+        f"{path} is truncated or corrupt ({type(cause).__name__}: {str(cause).strip()}). Re-download or "
+        "re-save the model; if bertshrink wrote this folder, rerun the stage that did (`python -m "
+        "flows.teacher` for the teacher, `python -m flows.compress --recipe <name>` for a candidate)."
+    )
+
+
+def check_weight_files(folder) -> None:
+    """``ModelSourceError`` naming the file unless every safetensors file in ``folder`` is whole:
+    opening one reads its header and checks that the data it declares is all there."""
+    for path in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise _corrupt(path, err) from None
+
+
 def _load_state_dict(model_dir: Path) -> dict:
     """All tensors of a (possibly sharded) safetensors checkpoint, or of a quantized
     ``pytorch_model.bin`` (torchao tensors; torchao registers them as safe to unpickle)."""
+    check_weight_files(model_dir)
     single = model_dir / SAFETENSORS_FILE
     if single.is_file():
         return load_file(single)
     index = model_dir / "model.safetensors.index.json"
     if not index.is_file() and (model_dir / TORCH_WEIGHTS_FILE).is_file():
-        return torch.load(model_dir / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(model_dir / TORCH_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        except RuntimeError as err:
+            if "PytorchStreamReader" not in str(err):  # only torch's zip reader failing means a damaged file
+                raise
+            raise _corrupt(model_dir / TORCH_WEIGHTS_FILE, err) from None
     if not index.is_file():
         raise FileNotFoundError(f"No {SAFETENSORS_FILE} (or index, or {TORCH_WEIGHTS_FILE}) in {model_dir}.")
     state = {}
@@ -58,6 +85,7 @@ def load_classifier(model_dir):
     model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     if not is_restructured(config):
+        check_weight_files(model_dir)  # transformers' own error names no file
         return AutoModelForSequenceClassification.from_pretrained(model_dir)
     # Imported here: importing a transformers model class imports torchao (noisy) when it is installed.
     from transformers import BertForSequenceClassification
@@ -103,6 +131,7 @@ def load_classifier_with_labels(location, num_labels: int | None = None):
     (transformers' load report about the new head is expected, so it is quieted)."""
     if is_restructured_folder(location):
         return load_classifier(location)  # head/FFN-pruned: rebuilt from its recorded shapes
+    check_weight_files(location)
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
     with _quiet_load_report():
         return AutoModelForSequenceClassification.from_pretrained(str(location), **kwargs)
@@ -123,6 +152,7 @@ def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length:
     if not Path(location).is_dir():  # a Hub id
         require_hub(f"model '{spec}'", ModelSourceError,
                     "set teacher.model to a local folder or to packaged:all-MiniLM-L6-v2")
+    check_weight_files(location)
     id2label = dict(enumerate(label_names))
     try:
         with _quiet_load_report():
@@ -137,6 +167,9 @@ def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length:
                 problem_type="single_label_classification",
                 ignore_mismatched_sizes=True,  # a head fine-tuned for another label set is replaced
             )
+    except SafetensorError as err:  # a Hub download in the cache (a local folder was checked above)
+        raise ModelSourceError(f"A weights file of model '{spec}' is truncated or corrupt ({err}). Remove it from "
+                               f"the Hugging Face cache (`hf cache rm model/{location}`) and load it again.") from None
     except (OSError, ValueError) as err:
         raise ModelSourceError(f"{load_error_hint(spec)}\nCause: {type(err).__name__}: {err}") from None
     check_family(model.config.model_type, spec)  # a Hub id is only known once loaded
