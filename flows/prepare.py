@@ -1,4 +1,5 @@
-"""Stage flow: load the data source and write the prepared splits (``python -m flows.prepare``)."""
+"""Stage flow: load the data source, check the rows, and only then write the prepared splits
+(``python -m flows.prepare``)."""
 
 from prefect import flow
 

@@ -130,10 +130,9 @@ def test_a_split_that_cannot_be_stratified_is_said_to_be_random():
     frame = pd.concat([frame[frame["label"] < 2], pd.DataFrame({"text": ["a lone film"], "label": [2]})])
     meta = prepare_splits(RawDataset({"train": frame}, ["film", "money", "sport"], "toy"), DataParams(), 0).meta
     assert meta["stratified"]["test"] is False
-    assert meta["warnings"][0] == (
+    assert meta["warnings"][0].startswith(
         "the test split carved from train was chosen at random, not stratified by label: The least populated "
-        "class in label column has only 1 member, which is too few. The minimum number of groups for any class "
-        "cannot be less than 2.")
+        "class in label column has only 1 member")  # the rest is datasets' own wording
 
 
 # ---------------------------------------------------------------- a bad source keeps the last good data
@@ -212,6 +211,12 @@ def test_an_unwritable_models_folder_stops_the_teacher_before_training(tmp_path,
     assert str(caught.value).startswith(f"Cannot write to {models}: ")
     assert str(caught.value).endswith("or point base.models_dir in params.yaml at a writable folder.")
     assert OutputError.exit_code == 9 and not list(tmp_path.glob("**/.bertshrink-write-check*"))
+
+
+def test_an_unwritable_data_folder_stops_prepare_before_reading_the_source(tmp_path):
+    paths = Artifacts(BaseParams(prepared_dir=_file_in_the_way(tmp_path / "data") / "prepared"))
+    with pytest.raises(OutputError, match=r"data is a file, not a folder\..* point base.prepared_dir in params"):
+        prepare_data.fn(DataParams(source=str(tmp_path / "not-read.csv")), ValidateParams(), paths, 0, "no-run")
 
 
 def test_writable_outputs_pass_and_leave_nothing(tmp_path):

@@ -68,10 +68,11 @@ class Artifacts:
 
     # ------------------------------------------------------------------ before writing
     def setting_of(self, path: Path) -> str:
-        """The ``base`` setting that places ``path`` (``base.models_dir``, ...), for messages."""
+        """The ``base`` setting that places ``path`` (``base.models_dir``, ...), for messages; a
+        setting's parent folder counts too (``data/`` holds the swap of ``data/prepared``)."""
         for name in ("prepared_dir", "models_dir", "metrics_dir", "reports_dir", "checkpoints_dir"):
             root = Path(getattr(self.base, name))
-            if Path(path) == root or root in Path(path).parents:
+            if Path(path) in (root, root.parent) or root in Path(path).parents:
                 return f"base.{name}"
         return "base"
 
