@@ -28,6 +28,10 @@ def quiet_libraries() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Progress bars for reading a few thousand rows are noise in front of the messages that matter.
     datasets.disable_progress_bars()
+    # datasets prints its records with a handler of its own; through the root logger alone they
+    # reach the run log, and the console filter keeps the errors our one message explains off.
+    for handler in list(logging.getLogger("datasets").handlers):
+        logging.getLogger("datasets").removeHandler(handler)
     for name in ("alembic", "mlflow.store.db.utils", "great_expectations"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -99,7 +103,10 @@ class _NoTraceback(logging.Formatter):
 
 def _not_a_failure_report(record: logging.LogRecord) -> bool:
     """False for Prefect's reports of a failed task or flow run, which repeat (with tracebacks,
-    once per level of nesting) the error that the one ``bertshrink:`` line states at the end."""
+    once per level of nesting) the error that the one ``bertshrink:`` line states at the end, and
+    for datasets' own "Failed to read file" errors, which our message explains."""
+    if record.name.startswith("datasets") and record.levelno >= logging.ERROR:
+        return False
     if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
         return record.levelno < logging.ERROR and not record.getMessage().startswith("Finished in state Failed")
     return not record.getMessage().startswith("Stopping temporary server")

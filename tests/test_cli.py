@@ -54,6 +54,8 @@ def test_the_console_keeps_progress_but_not_failure_reports_or_tracebacks(tmp_pa
                                       "Finished in state Failed('Task run encountered an exception')", None, None))
         root.handle(logging.LogRecord("prefect.flow_runs", logging.INFO, __file__, 1,
                                       "Finished in state Failed('Flow run encountered an exception')", None, None))
+        root.handle(logging.LogRecord("datasets.packaged_modules.csv.csv", logging.ERROR, __file__, 1,
+                                      "Failed to read file 'x.tsv' with error ParserError", None, None))
         root.handle(_traceback_record("mlflow.store", "could not log a metric"))
     finally:
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
@@ -63,7 +65,7 @@ def test_the_console_keeps_progress_but_not_failure_reports_or_tracebacks(tmp_pa
     assert shown == ["INFO prefect.flow_runs - Beginning flow run", "ERROR mlflow.store - could not log a metric"]
     kept = log_file.read_text()
     assert kept.count("Traceback (most recent call last)") == 2 and "Retries are exhausted" in kept
-    assert "Finished in state Failed('Flow run encountered an exception')" in kept
+    assert "Finished in state Failed('Flow run encountered an exception')" in kept and "Failed to read file" in kept
 
 
 @pytest.mark.parametrize("raised, code, first_line", [

