@@ -32,6 +32,8 @@ def quiet_libraries() -> None:
     # reach the run log, and the console filter keeps the errors our one message explains off.
     for handler in list(logging.getLogger("datasets").handlers):
         logging.getLogger("datasets").removeHandler(handler)
+    # Our library's notices (resuming from a checkpoint, rows dropped) are for the user to see.
+    logging.getLogger("bertshrink").setLevel(logging.INFO)
     for name in ("alembic", "mlflow.store.db.utils", "great_expectations"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

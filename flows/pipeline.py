@@ -12,7 +12,6 @@ records what succeeded in ``dvc.lock``, so that a following ``dvc repro`` knows 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -24,8 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 from bertshrink.config.artifacts import Artifacts
 from bertshrink.config.params import DEFAULT_PARAMS_FILE, Params, load_params
 from bertshrink.config.recipes import check_against_config
-from bertshrink.modelfolder.files import CONFIG_FILE
-from bertshrink.modelfolder.sources import resolve_model_source
+from bertshrink.modelfolder.load import source_config
 from flows._cli import add_debug_option, run_cli
 from flows.compare import compare_flow
 from flows.compress import compress_flow, recipes_failed, recipes_that_cannot_apply
@@ -141,15 +139,14 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
 
 
 def check_recipes_before_training(params: Params) -> None:
-    """A teacher source that is missing or not of a supported family, and recipes that cannot apply
-    to its shape, fail now, before any data is prepared or any model trained.
+    """A teacher source that is missing, unreachable or not of a supported family, and recipes that
+    cannot apply to its shape, fail now, before any data is prepared or any model trained.
 
-    The shape comes from the source model's config when it is on disk (packaged or a folder);
-    a Hub id is checked by the compress stage once the teacher exists.
+    The shape comes from the source's config: a folder's own, or a Hub model's (a small download).
     """
-    config_file = Path(resolve_model_source(params.teacher.model)) / CONFIG_FILE
-    if params.compress.recipes and config_file.is_file():
-        problems = check_against_config(params.compress, json.loads(config_file.read_text()))
+    config = source_config(params.teacher.model)
+    if params.compress.recipes:
+        problems = check_against_config(params.compress, config)
         if problems:
             raise recipes_that_cannot_apply(problems)
 

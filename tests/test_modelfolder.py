@@ -288,3 +288,16 @@ def test_a_swap_killed_between_its_renames_gets_the_last_good_folder_back(tmp_pa
     assert (tmp_path / "teacher" / "model.safetensors").read_bytes() == b"last good" and not backup.exists()
     assert done == [f"restored {tmp_path / 'teacher'} from .teacher.old, left by an interrupted swap"]
     assert recover_leftovers(tmp_path / "teacher") == []  # nothing left to do
+
+
+def test_source_config_reads_a_folder_and_refuses_an_unreachable_hub_at_once(tmp_path, monkeypatch):
+    """Issue 13, row 8: the pipeline checks the teacher source before any work. A Hub id whose host
+    does not resolve (``.invalid`` never does) fails on the name lookup, naming HF_HUB_OFFLINE."""
+    from bertshrink.modelfolder.load import source_config
+
+    folder = build_tiny_bert(tmp_path / "bert", num_labels=2)
+    assert source_config(str(folder))["num_hidden_layers"] == 2
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.bertshrink-test.invalid")
+    with pytest.raises(ModelSourceError, match="No network: hub.bertshrink-test.invalid cannot be resolved.*HF_HUB_OFFLINE=1"):
+        source_config("bert-base-uncased")

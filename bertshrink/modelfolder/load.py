@@ -126,6 +126,22 @@ def is_restructured_folder(location) -> bool:
     return config.is_file() and is_restructured(json.loads(config.read_text()))
 
 
+def source_config(spec: str) -> dict:
+    """A model source's config, before any work: a folder's ``config.json``, or a Hub id's (a small
+    download; without network this fails in milliseconds), its family checked either way."""
+    location = resolve_model_source(spec)
+    if Path(location).is_dir():
+        return json.loads((Path(location) / CONFIG_FILE).read_text())
+    require_hub(f"model '{spec}'", ModelSourceError,
+                "set teacher.model to a local folder or to packaged:all-MiniLM-L6-v2")
+    try:
+        config = AutoConfig.from_pretrained(location).to_dict()
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"{load_error_hint(spec)}\nCause: {type(err).__name__}: {err}") from None
+    check_family(config.get("model_type"), spec)
+    return config
+
+
 def load_classifier_with_labels(location, num_labels: int | None = None):
     """A classifier from a folder; a plain one gets a fresh head when ``num_labels`` differs from its own
     (transformers' load report about the new head is expected, so it is quieted)."""

@@ -224,6 +224,8 @@ def fine_tune(prepared: PreparedData, source: str, knobs: TrainingKnobs, output_
               **knobs.training_knobs().model_dump(mode="json")}
     fp = fingerprint(params, prepared.content_hash, seed)
     resume_from = _checkpoint_to_resume(Path(work_dir), fp, resume)
+    if resume_from:
+        log.info("Resuming training from %s (same data, params and code).", resume_from)
     args = training_arguments(knobs, Path(work_dir), seed, precision_flags, device, save_steps)
     trainer = build_trainer(GuardedTrainer, model, args, encoded, tokenizer, callbacks)
     with (train_context or _no_context)(model), layer_drop(model, layerdrop):
