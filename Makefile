@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit repro bench sst2 quant-noise serve-check mlflow-ui clean
+.PHONY: install run test test-unit repro bench sst2 quant-noise faults serve-check mlflow-ui clean
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ sst2: bench           ## (old name of bench)
 
 serve-check: install  ## load models:/<name>@champion through MLflow and classify test texts
 	$(PY) -m flows.serve_check
+
+faults: install       ## every bad input and fault of issue 13 through the CLI (~15 min) -> FAULTS.md
+	$(PY) benchmarks/faults.py
 
 quant-noise: install  ## Quant-Noise vs plain PTQ on the teacher of `make run` -> reports/quant_noise.md
 	$(PY) benchmarks/quant_noise.py
