@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 from bertshrink.config.artifacts import Artifacts
 from bertshrink.config.params import DEFAULT_PARAMS_FILE, Params, load_params
 from bertshrink.config.recipes import check_against_config
-from bertshrink.modelfolder.load import source_config
+from bertshrink.modelfolder.load import require_classification_head, source_config
 from flows._cli import add_debug_option, run_cli
 from flows.compare import compare_flow
 from flows.compress import compress_flow, recipes_failed, recipes_that_cannot_apply
@@ -139,12 +139,15 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
 
 
 def check_recipes_before_training(params: Params) -> None:
-    """A teacher source that is missing, unreachable or not of a supported family, and recipes that
-    cannot apply to its shape, fail now, before any data is prepared or any model trained.
+    """A teacher source that is missing, unreachable, not of a supported family, or (taken as it is)
+    not a fine-tuned classifier, and recipes that cannot apply to its shape, fail now, before any
+    data is prepared or any model trained.
 
     The shape comes from the source's config: a folder's own, or a Hub model's (a small download).
     """
     config = source_config(params.teacher.model)
+    if not params.teacher.train:
+        require_classification_head(config, params.teacher.model)
     if params.compress.recipes:
         problems = check_against_config(params.compress, config)
         if problems:

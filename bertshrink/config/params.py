@@ -99,6 +99,9 @@ class TeacherParams(_Section, TrainingKnobs):
     """
 
     model: str = "packaged:all-MiniLM-L6-v2"
+    # false: ``model`` is an already fine-tuned sequence classifier, taken as it is (no training;
+    # the training knobs are unused); its label names must be the data's, in any order.
+    train: bool = True
     max_length: int = Field(128, ge=8, le=4096)
     save_steps: int = Field(50, ge=1)
     resume: bool = True

@@ -142,6 +142,60 @@ def source_config(spec: str) -> dict:
     return config
 
 
+def require_classification_head(config: dict, spec: str) -> None:
+    """A model taken as it is (``teacher.train: false``) must be a sequence classifier, not a bare encoder."""
+    architectures = config.get("architectures") or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise ModelSourceError(
+            f"{spec} is not a fine-tuned sequence classifier (config.json architectures: {architectures or 'none'}): "
+            "with teacher.train: false bertshrink takes a trained classifier as it is. Set teacher.train: true "
+            "to fine-tune this encoder on the data, or point teacher.model at a fine-tuned classifier.")
+
+
+def label_order(model_labels: list[str], data_labels: list[str], spec: str) -> list[int]:
+    """For each of the data's labels, the index of the model output with that name; a different set
+    of names (or a different count) is a ``ModelSourceError`` that lists both."""
+    if sorted(model_labels) != sorted(data_labels):
+        raise ModelSourceError(
+            f"The labels of {spec} do not match the data's: the model has {len(model_labels)} "
+            f"{sorted(model_labels)}, the data {len(data_labels)} {sorted(data_labels)}. A model taken as it is "
+            "must name the same classes (config.json id2label); fine-tune it instead (teacher.train: true), "
+            "or fix its id2label if only the names differ.")
+    return [model_labels.index(name) for name in data_labels]
+
+
+def reorder_outputs(model, order: list[int], label_names: list[str]) -> None:
+    """Permute the classification head's outputs so that output ``j`` is ``label_names[j]``."""
+    head = model.classifier  # BERT's head: a Linear over the pooled output
+    with torch.no_grad():
+        head.weight.copy_(head.weight[order].clone())
+        head.bias.copy_(head.bias[order].clone())
+    model.config.id2label = dict(enumerate(label_names))
+    model.config.label2id = {name: i for i, name in enumerate(label_names)}
+    model.config.problem_type = "single_label_classification"
+
+
+def load_fine_tuned_classifier(spec: str, label_names: list[str]):
+    """Tokenizer and the fine-tuned classifier at ``spec`` as it is, its outputs in the data's label
+    order; a bare encoder, a head its weights lack, or other labels are refused."""
+    location = resolve_model_source(spec)
+    config = source_config(spec)
+    require_classification_head(config, spec)
+    check_weight_files(location)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model, loading = AutoModelForSequenceClassification.from_pretrained(location, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"{load_error_hint(spec)}\nCause: {type(err).__name__}: {err}") from None
+    untrained = [key for key in loading["missing_keys"] if key.startswith("classifier")]
+    if untrained:
+        raise ModelSourceError(f"{spec} has no weights for its classification head ({', '.join(untrained)}): it is "
+                               "not fine-tuned. Set teacher.train: true to fine-tune it on the data.")
+    model_labels = [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
+    reorder_outputs(model, label_order(model_labels, list(label_names), spec), list(label_names))
+    return tokenizer, model.eval()
+
+
 def load_classifier_with_labels(location, num_labels: int | None = None):
     """A classifier from a folder; a plain one gets a fresh head when ``num_labels`` differs from its own
     (transformers' load report about the new head is expected, so it is quieted)."""

@@ -31,7 +31,7 @@ from bertshrink.config.params import TeacherParams
 from bertshrink.data.prepare import PreparedData
 from bertshrink.errors import TrainingError
 from bertshrink.modelfolder import load as model_loading
-from bertshrink.modelfolder.load import load_tokenizer_and_classifier
+from bertshrink.modelfolder.load import load_fine_tuned_classifier, load_tokenizer_and_classifier
 from bertshrink.modelfolder.meta import ModelMeta, save_model_folder
 from bertshrink.modelfolder.structure import encoder_layers
 
@@ -242,9 +242,24 @@ def fine_tune(prepared: PreparedData, source: str, knobs: TrainingKnobs, output_
     return TrainResult(Path(output_dir), metrics, trainer.state.log_history, resume_from, device)
 
 
+def adopt_teacher(prepared: PreparedData, teacher: TeacherParams, output_dir: Path,
+                  extra_meta: dict[str, Any] | None = None) -> TrainResult:
+    """``teacher.train: false``: the fine-tuned classifier as it is, saved as the teacher folder with
+    its outputs in the data's label order (so it evaluates, registers and compresses like ours)."""
+    tokenizer, model = load_fine_tuned_classifier(teacher.model, prepared.label_names)
+    meta = ModelMeta(kind="teacher", source_model=teacher.model, label_names=prepared.label_names,
+                     max_length=teacher.max_length, data_content_hash=prepared.content_hash,
+                     params={"train": False}).updated(**(extra_meta or {}))
+    save_model_folder(model, tokenizer, meta, output_dir)
+    return TrainResult(Path(output_dir), {})
+
+
 def train_teacher(prepared: PreparedData, teacher: TeacherParams, output_dir: Path, work_dir: Path, seed: int,
                   extra_meta: dict[str, Any] | None = None, callbacks: list | None = None) -> TrainResult:
-    """The teacher section's fine-tuning: its model, length, checkpoints, LayerDrop and knobs."""
+    """The teacher section's fine-tuning: its model, length, checkpoints, LayerDrop and knobs; or,
+    with ``train: false``, the given classifier as it is."""
+    if not teacher.train:
+        return adopt_teacher(prepared, teacher, output_dir, extra_meta)
     return fine_tune(prepared, teacher.model, teacher, output_dir, work_dir, seed, teacher.max_length,
                      save_steps=teacher.save_steps, resume=teacher.resume, layerdrop=teacher.layerdrop,
                      extra_meta=extra_meta, callbacks=callbacks)
