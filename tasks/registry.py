@@ -27,8 +27,9 @@ def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, 
                    record_file: str) -> dict:
     """Log + register ``model_dir``; set ``alias``; write the registration record to ``record_file``.
 
-    Standard BERT folders use MLflow's transformers flavour; restructured ones (pruned heads or
-    FFN widths, factorised embeddings) a pyfunc model that loads them with ``bertshrink.modelfolder.load``.
+    Standard BERT folders use MLflow's transformers flavour; ONNX graphs and restructured ones (pruned
+    heads or FFN widths, factorised embeddings, torch-quantized) a pyfunc model that runs them with
+    ``bertshrink.modelfolder.runners``; every version takes texts.
     """
     meta = read_meta(Path(model_dir))
     if not Path(metrics_file).is_file():

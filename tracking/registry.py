@@ -1,6 +1,6 @@
-"""Log a model folder to MLflow's registry in the flavour that serves it: transformers for standard
-BERT folders, onnx for ONNX candidates, a pyfunc model (``pyfunc_model.py``, carrying
-``bertshrink/``) for restructured or torch-quantized ones; tag the version with its lineage."""
+"""Log a model folder to MLflow's registry in a flavour that serves it with text: transformers for
+standard BERT folders, a pyfunc model (``pyfunc_model.py``, carrying ``bertshrink/``) for ONNX,
+restructured or torch-quantized ones; tag the version with its lineage."""
 
 from __future__ import annotations
 
@@ -10,16 +10,12 @@ from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import mlflow
-import onnx
-import pandas as pd
 from huggingface_hub import ModelCard
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from transformers import pipeline
 
 from bertshrink.config.params import RegistryParams
-from bertshrink.modelfolder.files import META_FILE, ONNX_FILE
 from bertshrink.modelfolder.load import is_restructured_folder
 from bertshrink.modelfolder.meta import ModelMeta
 from bertshrink.selection.promotion import CHAMPION_ALIAS, Candidate, candidate_from_tags
@@ -75,48 +71,30 @@ def log_with_transformers_flavour(model_dir: str, card, registry: RegistryParams
     )
 
 
-def log_with_pyfunc(model_dir: str, registry: RegistryParams, metadata: dict):
-    """Restructured (head/FFN-pruned, factorised) folders: our loader inside a pyfunc model."""
-    signature = infer_signature(["an example text"], pd.DataFrame({"label": ["a"], "score": [0.5]}))
+def log_with_pyfunc(model_dir: str, registry: RegistryParams, metadata: dict, onnx: bool = False):
+    """ONNX, restructured (head/FFN-pruned, factorised) and torch-quantized folders: our runner inside
+    a pyfunc model that takes texts; the folder (an ONNX graph with its tokenizer) is its artifact."""
+    extra = [f"{name}=={_installed(name)}" for name in ONNX_SERVING_PACKAGES] if onnx else []
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(PYFUNC_MODEL_FILE),
         artifacts={"model_dir": str(Path(model_dir).resolve())},
         code_paths=[str(LIBRARY_DIR)],
-        pip_requirements=serving_requirements() + [f"pandas=={_installed('pandas')}"],
-        signature=signature,
-        input_example=["an example text"],
+        pip_requirements=serving_requirements() + [f"pandas=={_installed('pandas')}"] + extra,
+        # No signature: MLflow's schema check would turn [1, 2] into ["1", "2"] and classify them;
+        # the model's own check (texts_of) refuses a non-string, an empty list or a huge text with a 400.
         registered_model_name=registry.model_name,
         metadata=metadata,
     )
 
 
-ONNX_SERVING_PACKAGES = ("onnxruntime", "onnx", "tokenizers")
-# Files an ONNX candidate needs beside the graph: tokenizer, labels, and our lineage.
-ONNX_EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json",
-                    META_FILE)
-
-
-def log_with_onnx_flavour(model_dir: str, registry: RegistryParams, metadata: dict):
-    """ONNX candidates: MLflow's onnx flavour (CPU provider, one self-contained file) plus the tokenizer files."""
-    folder = Path(model_dir).resolve()
-    return mlflow.onnx.log_model(
-        onnx_model=onnx.load(str(folder / ONNX_FILE)),
-        name="model",
-        onnx_execution_providers=["CPUExecutionProvider"],
-        save_as_external_data=False,
-        extra_files=[str(folder / f) for f in ONNX_EXTRA_FILES if (folder / f).is_file()],
-        pip_requirements=[f"{name}=={_installed(name)}" for name in ONNX_SERVING_PACKAGES],
-        registered_model_name=registry.model_name,
-        metadata=metadata,
-    )
+ONNX_SERVING_PACKAGES = ("onnxruntime", "onnx")
 
 
 def flavour_for(model_dir: str, meta: ModelMeta) -> str:
-    """onnx for exported graphs; pyfunc (our loader) for restructured or torch-quantized folders; else transformers."""
-    if meta.format == "onnx":
-        return "onnx"
-    if meta.torch_quantized or is_restructured_folder(Path(model_dir)):
+    """pyfunc (our runner, text in) for ONNX graphs and restructured or torch-quantized folders;
+    else transformers."""
+    if meta.format == "onnx" or meta.torch_quantized or is_restructured_folder(Path(model_dir)):
         return "pyfunc"
     return "transformers"
 
@@ -127,10 +105,8 @@ def log_model_version(model_dir: str, meta: ModelMeta, summary: dict, registry: 
                                                                     "max_length", "format", "quantization"})}
     flavour = flavour_for(model_dir, meta)
     with mlflow.start_run(run_id=run_id):
-        if flavour == "onnx":
-            info = log_with_onnx_flavour(model_dir, registry, metadata)
-        elif flavour == "pyfunc":
-            info = log_with_pyfunc(model_dir, registry, metadata)
+        if flavour == "pyfunc":
+            info = log_with_pyfunc(model_dir, registry, metadata, onnx=meta.format == "onnx")
         else:
             info = log_with_transformers_flavour(model_dir, model_card(meta, summary), registry, metadata)
     return info, flavour
