@@ -216,3 +216,35 @@ def test_compare_latency_interleaves_models_on_the_same_batches(tiny_model, spli
     assert [name for name, _ in calls] == ["fast", "slow", "slow", "fast"] * 2 + ["fast", "slow"]
     assert all(calls[i][1] == calls[i + 1][1] for i in range(0, len(calls), 2))
     assert calls[0][1] != calls[2][1]  # and the batches differ from one iteration to the next
+
+
+def test_text_to_label_latency_includes_tokenization_and_forward_only_excludes_it(tiny_model, splits):
+    """A tokenizer made 20 ms slower per call shows in the text -> label figure, not in the
+    forward-only one; a forward made 20 ms slower shows in both (issue 14, item 7)."""
+    import time
+
+    class SlowTokenizer:
+        def __init__(self, inner, delay):
+            self.inner, self.delay = inner, delay
+
+        def __call__(self, *args, **kwargs):
+            time.sleep(self.delay)
+            return self.inner(*args, **kwargs)
+
+    class Runner:
+        def __init__(self, tokenize_delay, forward_delay):
+            self.inner = TorchClassifier(tiny_model)
+            self.tokenizer, self.return_tensors = SlowTokenizer(self.inner.tokenizer, tokenize_delay), "pt"
+            self.forward_delay = forward_delay
+
+        def forward(self, encoded):
+            time.sleep(self.forward_delay)
+            return self.inner.forward(encoded)
+
+    params = FAST.model_copy(update={"timed_iterations": 4, "warmup_iterations": 1, "batch_sizes": (1,)})
+    runners = {"slow-tokenizer": Runner(0.02, 0.0), "slow-forward": Runner(0.0, 0.02)}
+    result = latency.compare_latency({}, splits["test"]["text"].tolist(), params, runners=runners)
+    tokenizer, forward = result["slow-tokenizer"]["batch_1"], result["slow-forward"]["batch_1"]
+    assert tokenizer["e2e_p50_ms"] >= tokenizer["p50_ms"] + 15  # the tokenizer's 20 ms: text -> label only
+    assert forward["p50_ms"] >= 15 and forward["e2e_p50_ms"] >= forward["p50_ms"]
+    assert forward["p50_ms"] >= tokenizer["p50_ms"] + 15

@@ -1,7 +1,9 @@
 """Latency: seeded batches of real texts, warm-up, fixed threads, p50/p95; several models interleaved.
 
-Only the forward pass is timed (tokenization excluded). Importing this module has no side effects:
-torch threads are only changed inside measurements and restored afterwards.
+Two figures per batch: the forward pass alone (``p50_ms``/``p95_ms``: what the model costs), and
+text in -> label out (``e2e_p50_ms``/``e2e_p95_ms``: tokenization, forward and argmax, what a
+user's service pays), from the same call. Importing this module has no side effects: torch
+threads are only changed inside measurements and restored afterwards.
 """
 
 from __future__ import annotations
@@ -52,21 +54,26 @@ def _encode_batch(runner, tokenizer, texts: Sequence[str], max_length: int):
                      return_tensors=runner.return_tensors)
 
 
-def _time_once(runner, encoded) -> float:
-    """Milliseconds of one forward pass (tokenization excluded)."""
+def _time_once(runner, tokenizer, texts: Sequence[str], max_length: int) -> tuple[float, float, int]:
+    """Milliseconds of the forward pass alone and of text -> label (tokenize, forward, argmax) for
+    one batch, and its padded sequence length."""
     start = time.perf_counter()
-    runner.forward(encoded)
-    return (time.perf_counter() - start) * 1000.0
+    encoded = _encode_batch(runner, tokenizer, texts, max_length)
+    tokenized = time.perf_counter()
+    np.asarray(runner.forward(encoded)).argmax(axis=-1)
+    done = time.perf_counter()
+    return (done - tokenized) * 1000.0, (done - start) * 1000.0, int(encoded["input_ids"].shape[1])
 
 
 def time_forward(runner, tokenizer, texts: Sequence[str], batch_size: int, params: EvaluateParams,
-                 seed: int) -> tuple[list[float], list[int]]:
-    """Forward-pass times (ms) and padded sequence lengths of seeded batches of real texts.
+                 seed: int) -> tuple[list[float], list[int], list[float]]:
+    """Forward-pass times (ms), padded sequence lengths and text -> label times (ms) of seeded
+    batches of real texts.
 
     Each batch is ``batch_size`` texts drawn from ``texts``, truncated at ``params.max_length``
-    and padded to its longest member, so sequence lengths follow the real data. Only the forward
-    pass is timed: tokenization is excluded. ``params.warmup_iterations`` batches run untimed
-    first (allocator and kernel warm-up). The same seed draws the same batches for every model.
+    and padded to its longest member, so sequence lengths follow the real data.
+    ``params.warmup_iterations`` batches run untimed first (allocator and kernel warm-up). The
+    same seed draws the same batches for every model.
     """
     if not texts:
         raise ValueError("no texts to measure latency on")
@@ -74,20 +81,26 @@ def time_forward(runner, tokenizer, texts: Sequence[str], batch_size: int, param
     rng = np.random.default_rng(seed)
     times_ms: list[float] = []
     seq_lens: list[int] = []
+    e2e_ms: list[float] = []
     with fixed_threads(params.threads):
         for i in range(params.warmup_iterations + params.timed_iterations):
-            encoded = _encode_batch(runner, tokenizer, _draw(rng, texts, batch_size), params.max_length)
-            elapsed = _time_once(runner, encoded)
+            forward, text_to_label, seq_len = _time_once(runner, tokenizer, _draw(rng, texts, batch_size),
+                                                         params.max_length)
             if i >= params.warmup_iterations:
-                times_ms.append(elapsed)
-                seq_lens.append(int(encoded["input_ids"].shape[1]))
-    return times_ms, seq_lens
+                times_ms.append(forward)
+                seq_lens.append(seq_len)
+                e2e_ms.append(text_to_label)
+    return times_ms, seq_lens, e2e_ms
 
 
-def latency_summary(times_ms: Sequence[float], seq_lens: Sequence[int], batch_size: int) -> dict:
-    """p50/p95/mean latency, throughput and the mean padded length of timed batches."""
+def latency_summary(times_ms: Sequence[float], seq_lens: Sequence[int], batch_size: int,
+                    e2e_ms: Sequence[float] | None = None) -> dict:
+    """p50/p95/mean forward latency, throughput, the mean padded length of timed batches and, given
+    ``e2e_ms``, the text -> label p50/p95."""
     mean_ms = float(np.mean(times_ms))
-    return {
+    text_to_label = {"e2e_p50_ms": float(np.percentile(e2e_ms, 50)),
+                     "e2e_p95_ms": float(np.percentile(e2e_ms, 95))} if e2e_ms else {}
+    return {**text_to_label,
         "batch_size": batch_size,
         "p50_ms": float(np.percentile(times_ms, 50)),
         "p95_ms": float(np.percentile(times_ms, 95)),
@@ -100,9 +113,9 @@ def latency_summary(times_ms: Sequence[float], seq_lens: Sequence[int], batch_si
 
 def measure_latency(runner, tokenizer, texts: Sequence[str], batch_size: int,
                     params: EvaluateParams, seed: int) -> dict:
-    """Latency of ``runner.forward`` (see ``time_forward``), summarised."""
-    times_ms, seq_lens = time_forward(runner, tokenizer, texts, batch_size, params, seed)
-    return latency_summary(times_ms, seq_lens, batch_size)
+    """Latency of ``runner.forward`` and of text -> label (see ``time_forward``), summarised."""
+    times_ms, seq_lens, e2e_ms = time_forward(runner, tokenizer, texts, batch_size, params, seed)
+    return latency_summary(times_ms, seq_lens, batch_size, e2e_ms)
 
 
 def compare_latency(model_dirs: Mapping[str, Path], texts: Sequence[str], params: EvaluateParams,
@@ -126,18 +139,19 @@ def compare_latency(model_dirs: Mapping[str, Path], texts: Sequence[str], params
             rng = np.random.default_rng(seed)
             times = {name: [] for name in names}
             lens = {name: [] for name in names}
+            e2e = {name: [] for name in names}
             for i in range(params.warmup_iterations + params.timed_iterations):
                 batch = _draw(rng, texts, batch_size)
                 for k in range(len(names)):
                     name = names[(i + k) % len(names)]
                     runner = runners[name]
-                    encoded = _encode_batch(runner, runner.tokenizer, batch, params.max_length)
-                    elapsed = _time_once(runner, encoded)
+                    forward, text_to_label, seq_len = _time_once(runner, runner.tokenizer, batch, params.max_length)
                     if i >= params.warmup_iterations:
-                        times[name].append(elapsed)
-                        lens[name].append(int(encoded["input_ids"].shape[1]))
+                        times[name].append(forward)
+                        lens[name].append(seq_len)
+                        e2e[name].append(text_to_label)
             for name in names:
-                results[name][f"batch_{batch_size}"] = latency_summary(times[name], lens[name], batch_size)
+                results[name][f"batch_{batch_size}"] = latency_summary(times[name], lens[name], batch_size, e2e[name])
     return results
 
 

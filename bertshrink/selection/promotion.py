@@ -116,7 +116,8 @@ def _sort_key(candidate: Candidate, objective: str) -> tuple:
 
 
 def describe(candidate: Candidate) -> str:
-    """``name vN (acc 0.8498, retention 98.2%, agreement 93.1%, b1 p50 1.56 ms, p95 1.80 ms, 6.0 MB)``."""
+    """``name vN (acc 0.8498, retention 98.2%, agreement 93.1%, b1 forward p50 1.56 ms, p95 1.80 ms, 6.0 MB)``:
+    the latency the rule uses is the forward pass alone, not text to label."""
     parts = []
     if not _missing(candidate.accuracy):
         parts.append(f"acc {candidate.accuracy:.4f}")
@@ -125,7 +126,7 @@ def describe(candidate: Candidate) -> str:
     if not _missing(candidate.agreement):
         parts.append(f"agreement {candidate.agreement:.1%}")
     if not _missing(candidate.p50_ms):
-        parts.append(f"b1 p50 {candidate.p50_ms:.2f} ms")
+        parts.append(f"b1 forward p50 {candidate.p50_ms:.2f} ms")
     if not _missing(candidate.p95_ms):
         parts.append(f"p95 {candidate.p95_ms:.2f} ms")
     if candidate.size_bytes is not None:
