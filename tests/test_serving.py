@@ -64,11 +64,11 @@ def _post(port: int, body: bytes) -> tuple[int, str]:
         return err.code, err.read().decode()
 
 
-def _wait_until_up(port: int, server: subprocess.Popen, timeout: float = 240) -> None:
+def _wait_until_up(port: int, server: subprocess.Popen, log: Path, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if server.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited with {server.returncode}")
+            raise AssertionError(f"mlflow models serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as answer:
                 if answer.status == 200:
@@ -85,8 +85,12 @@ def registered(tmp_path_factory):
 
     from bertshrink.config.params import RegistryParams
     from tracking.registry import log_model_version
+    from tracking.runs import configure_tracking
 
     root = tmp_path_factory.mktemp("serving")
+    # configure_tracking, as the stages do: the environment and MLflow's process-wide URI (which
+    # an earlier test may have pointed elsewhere) both name this store
+    previous = (os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri())
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     meta = {"kind": "candidate", "recipe": "r", "label_names": LABELS, "max_length": 32}
     teacher = build_tiny_bert(root / "teacher", num_labels=3, meta=meta, **SHAPE)
@@ -96,7 +100,7 @@ def registered(tmp_path_factory):
     onnx_dir = root / "onnx-int8"
     export_onnx(teacher, onnx_dir, toy_corpus(10)["text"].tolist(), 32)
     registry = RegistryParams(experiment="serving", model_name="served")
-    mlflow.set_experiment("serving")
+    mlflow.set_experiment(experiment_id=configure_tracking(registry))
     uris = {}
     for name, folder in (("pytorch", pruned), ("onnx", onnx_dir)):
         run = mlflow.start_run()
@@ -107,7 +111,11 @@ def registered(tmp_path_factory):
         assert flavour == "pyfunc"
         uris[name] = info.model_uri
     yield root, uris
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if previous[0] is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous[0]
+    mlflow.set_tracking_uri(previous[1])
 
 
 @pytest.mark.slow
@@ -121,9 +129,10 @@ def test_a_registered_version_serves_text_over_http(registered, kind):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uris[kind], "--env-manager",
                                "local", "--host", "127.0.0.1", "--port", str(port)], cwd=root, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=(root / f"serve-{kind}.log").open("w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
     try:
-        _wait_until_up(port, server)
+        _wait_until_up(port, server, root / f"serve-{kind}.log")
         status, body = _post(port, json.dumps({"inputs": ["goal match team", "market stock price bank"]}).encode())
         assert status == 200, body
         predictions = json.loads(body)["predictions"]
