@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+
+from flows._prefect_server import SERVER_APP  # noqa: E402  (what a temporary Prefect server runs)
 GOOD = ("base:\n  seed: 42\n"
         "data:\n  source: packaged:bbc-news\n  max_train_samples: 160\n  max_eval_samples: 60\n"
         "teacher:\n  model: packaged:all-MiniLM-L6-v2\n  max_length: 32\n  epochs: 1\n  save_steps: 5\n"
@@ -180,7 +183,7 @@ def prefect_servers() -> int:
     """Temporary Prefect servers running on this machine."""
     import psutil
 
-    return sum("prefect.server.api.server:create_app" in " ".join(p.info["cmdline"] or [])
+    return sum(SERVER_APP in " ".join(p.info["cmdline"] or [])
                for p in psutil.process_iter(["cmdline"]))
 
 
@@ -197,7 +200,7 @@ def start_and_wait_for_server(args: list[str], ws: Path, seconds_after: float, *
 
     proc = subprocess.Popen([sys.executable, *args], cwd=ws, env=base_env(ws), **popen)
     deadline = time.time() + 120
-    while time.time() < deadline and not any("prefect.server.api.server:create_app" in " ".join(c.cmdline())
+    while time.time() < deadline and not any(SERVER_APP in " ".join(c.cmdline())
                                              for c in psutil.Process(proc.pid).children(recursive=True)):
         time.sleep(0.5)
     time.sleep(seconds_after)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -111,6 +114,15 @@ def toy_csv(tmp_path) -> Path:
     path = tmp_path / "toy.csv"
     toy_corpus().to_csv(path, index=False)
     return path
+
+
+def run_module(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python <args>`` in ``cwd`` as a user runs it: this checkout on the path, a throwaway MLflow
+    store in ``cwd``, and no Prefect API URL (the CLI starts its own temporary server)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{Path(cwd) / 'mlflow.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="session")

@@ -16,15 +16,12 @@ import psutil
 import pytest
 
 from flows._cli import run_cli, start_run_log
+from conftest import run_module
 from flows._prefect_server import OWNER_ENV, SERVER_APP, orphaned_servers, stop_orphaned_servers
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    env.pop("PREFECT_API_URL", None)  # the CLI's own temporary server, as for a user
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
@@ -101,7 +98,7 @@ def test_a_bad_input_prints_one_message_first_and_alone_and_logs_the_traceback(t
     no torch/torchao import noise; the traceback is in reports/logs; --debug prints it."""
     (tmp_path / "empty.csv").write_text("text,label\n")
     (tmp_path / "params.yaml").write_text(f"data:\n  source: {tmp_path / 'empty.csv'}\n")
-    done = _run(["-m", "flows.prepare"], tmp_path)
+    done = run_module(["-m", "flows.prepare"], tmp_path)
     assert done.returncode == 3, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line or line.startswith("bertshrink:")]
     assert errors[0].startswith("bertshrink: DataSourceError: ") and "no rows" in errors[0], done.stderr
@@ -110,7 +107,7 @@ def test_a_bad_input_prints_one_message_first_and_alone_and_logs_the_traceback(t
     log = (tmp_path / "reports" / "logs" / "bertshrink.log").read_text()
     assert "Traceback (most recent call last)" in log and "DataSourceError" in log
 
-    debug = _run(["-m", "flows.prepare", "--debug"], tmp_path)
+    debug = run_module(["-m", "flows.prepare", "--debug"], tmp_path)
     assert debug.returncode == 3 and "Traceback (most recent call last)" in debug.stderr
     # the message still comes after every traceback, where the eye lands
     assert debug.stderr.rindex("bertshrink: DataSourceError: ") > debug.stderr.rindex("Traceback")

@@ -7,9 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -23,11 +21,9 @@ from bertshrink.errors import DataSourceError, DataValidationError, ModelSourceE
 from bertshrink.modelfolder.load import load_classifier, load_tokenizer_and_classifier
 from bertshrink.modelfolder.runners import open_model
 from bertshrink.modelfolder.structure import FFN_KEY
-from conftest import build_tiny_bert, toy_corpus, toy_raw
+from conftest import build_tiny_bert, run_module, toy_corpus, toy_raw
 from tasks import teacher as teacher_task
 from tasks.data import prepare_data
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _prepare(path: Path) -> dict:
@@ -232,9 +228,7 @@ def test_writable_outputs_pass_and_leave_nothing(tmp_path):
 def test_prepare_on_a_one_row_file_exits_3_with_the_message(tmp_path):
     (tmp_path / "one.csv").write_text("text,label\nhello world,pos\n")
     (tmp_path / "params.yaml").write_text("data:\n  source: one.csv\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    done = subprocess.run([sys.executable, "-m", "flows.prepare"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = run_module(["-m", "flows.prepare"], tmp_path)
     assert done.returncode == DataSourceError.exit_code == 3
     assert "bertshrink: DataSourceError: one.csv has 1 labelled training row; carving test (15%)" in done.stderr
     assert not (tmp_path / "data" / "prepared").exists()

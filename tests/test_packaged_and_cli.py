@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +9,7 @@ import torch
 
 from bertshrink.errors import ModelSourceError, ParamsError
 from bertshrink.modelfolder.load import load_tokenizer_and_classifier
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import run_module
 
 
 @pytest.mark.slow
@@ -39,15 +35,12 @@ def test_unreachable_hub_model_explains_the_fix(monkeypatch):
         load_tokenizer_and_classifier("surely-not-cached/bert-model-xyz", ["a", "b"], max_length=32)
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
 def test_bad_params_exit_2_before_any_work(tmp_path):
     (tmp_path / "params.yaml").write_text("teacher:\n  epochs: -1\n  learnig_rate: 0.1\n")
-    done = _run(["-m", "flows.pipeline"], tmp_path)
+    done = run_module(["-m", "flows.pipeline"], tmp_path)
     assert done.returncode == ParamsError.exit_code
     assert "teacher.epochs" in done.stderr and "greater than 0" in done.stderr
     assert "teacher.learnig_rate: unknown key" in done.stderr and "learning_rate" in done.stderr
@@ -61,7 +54,7 @@ def test_recipe_impossible_for_the_teacher_exits_2_before_training(tmp_path):
         "compress:\n  recipes:\n    gone: [{drop_layers: {strategy: top, n_drop: 6}}]\n"
         "    ok: [{distill: {student_layers: 3}}]\n"
         "    heads: [{prune_heads: {count: 70}}]\n")
-    done = _run(["-m", "flows.pipeline"], tmp_path)
+    done = run_module(["-m", "flows.pipeline"], tmp_path)
     assert done.returncode == ParamsError.exit_code, done.stderr[-2000:]
     assert "compress.recipes.gone[0].drop_layers: drops 6 of 6 layers" in done.stderr
     assert "compress.recipes.heads[0].prune_heads: count 70" in done.stderr and "recipes.ok" not in done.stderr
@@ -75,7 +68,7 @@ def test_a_non_bert_teacher_is_refused_before_any_work(tmp_path):
 
     GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50).save_pretrained(tmp_path / "gpt2")
     (tmp_path / "params.yaml").write_text(f"teacher:\n  model: {tmp_path / 'gpt2'}\n")
-    done = _run(["-m", "flows.pipeline"], tmp_path)
+    done = run_module(["-m", "flows.pipeline"], tmp_path)
     assert done.returncode == ModelSourceError.exit_code, done.stderr[-2000:]
     assert "is a gpt2 model; bertshrink supports the bert family" in done.stderr
     assert "KeyError" not in done.stderr and "Traceback" not in done.stderr
@@ -85,7 +78,7 @@ def test_a_non_bert_teacher_is_refused_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_stage_without_its_input_names_the_missing_stage(tmp_path):
     (tmp_path / "params.yaml").write_text("{}\n")
-    done = _run(["-m", "flows.register"], tmp_path)
+    done = run_module(["-m", "flows.register"], tmp_path)
     assert done.returncode == 7, done.stderr[-2000:]
     assert "Run the teacher stage first" in done.stderr
 

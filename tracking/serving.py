@@ -64,6 +64,4 @@ def classify_registered(model_uri: str, texts: list[str], max_length: int = 128)
     model = mlflow.pyfunc.load_model(str(local))
     if is_onnx(local):
         return classify_onnx(model, local, texts, max_length)
-    out = model.predict(texts)
-    labels = out["label"] if isinstance(out, pd.DataFrame) else [o["label"] for o in out]
-    return [str(label) for label in labels]
+    return [str(label) for label in label_and_score(model, texts)["label"]]

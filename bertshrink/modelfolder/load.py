@@ -126,14 +126,18 @@ def is_restructured_folder(location) -> bool:
     return config.is_file() and is_restructured(json.loads(config.read_text()))
 
 
+def _require_hub_model(spec: str) -> None:
+    """No network fails in milliseconds, naming the offline alternatives for a teacher."""
+    require_hub(f"model '{spec}'", ModelSourceError, "set teacher.model to a local folder or to packaged:all-MiniLM-L6-v2")
+
+
 def source_config(spec: str) -> dict:
     """A model source's config, before any work: a folder's ``config.json``, or a Hub id's (a small
     download; without network this fails in milliseconds), its family checked either way."""
     location = resolve_model_source(spec)
     if Path(location).is_dir():
         return json.loads((Path(location) / CONFIG_FILE).read_text())
-    require_hub(f"model '{spec}'", ModelSourceError,
-                "set teacher.model to a local folder or to packaged:all-MiniLM-L6-v2")
+    _require_hub_model(spec)
     try:
         config = AutoConfig.from_pretrained(location).to_dict()
     except (OSError, ValueError) as err:
@@ -220,8 +224,7 @@ def load_tokenizer_and_classifier(spec: str, label_names: list[str], max_length:
     if is_restructured_folder(location):
         return _load_restructured(location, label_names, max_length)
     if not Path(location).is_dir():  # a Hub id
-        require_hub(f"model '{spec}'", ModelSourceError,
-                    "set teacher.model to a local folder or to packaged:all-MiniLM-L6-v2")
+        _require_hub_model(spec)
     check_weight_files(location)
     id2label = dict(enumerate(label_names))
     try:
