@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit repro bench sst2 quant-noise faults serve-check mlflow-ui clean
+.PHONY: install run test test-unit repro bench sst2 quant-noise faults families serve-check mlflow-ui clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ serve-check: install  ## load models:/<name>@champion through MLflow and classif
 
 faults: install       ## every bad input and fault of issue 13 through the CLI (~15 min) -> FAULTS.md
 	$(PY) benchmarks/faults.py
+
+families: install     ## every step on a tiny model of every architecture (~5 min) -> FAMILIES.md
+	$(PY) benchmarks/families.py
 
 quant-noise: install  ## Quant-Noise vs plain PTQ on the teacher of `make run` -> reports/quant_noise.md
 	$(PY) benchmarks/quant_noise.py

@@ -66,6 +66,88 @@ def tiny_bert_model(num_labels: int | None = 2, *, vocab_size: int | None = None
     return model.eval()
 
 
+# model_type -> (transformers config class, tokenizer kind, config settings beyond the common shape).
+# The tiny configs keep each family's distinguishing parts: ELECTRA's and ALBERT's narrower
+# embeddings, DeBERTa-v3's relative attention, ModernBERT's local/global layers and gated FFN.
+FAMILY_MODELS = {
+    "bert": ("BertConfig", "wordpiece", {}),
+    "roberta": ("RobertaConfig", "bpe", {}),
+    "xlm-roberta": ("XLMRobertaConfig", "unigram", {}),
+    "electra": ("ElectraConfig", "wordpiece", {"embedding_size": 16}),
+    "distilbert": ("DistilBertConfig", "wordpiece", {}),
+    "albert": ("AlbertConfig", "unigram", {"embedding_size": 16}),
+    "deberta-v2": ("DebertaV2Config", "unigram", {
+        "relative_attention": True, "position_buckets": 8, "max_relative_positions": -1,
+        "pos_att_type": ["p2c", "c2p"], "position_biased_input": False, "share_att_key": True,
+        "norm_rel_ebd": "layer_norm"}),
+    "modernbert": ("ModernBertConfig", "bpe", {"global_attn_every_n_layers": 2, "local_attention": 8}),
+}
+OTHER_WORDS = ["weather", "rainfall", "mountains", "hospital", "quickly", "yellow", "kitchen", "zebra",
+               "jumping", "vowels", "whiskey", "quartz"]
+BPE_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids 0..4
+UNIGRAM_SPECIALS = ["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"]  # ALBERT's ids 0..4
+
+
+def family_tokenizer(kind: str, *, token_types: bool = True):
+    """A tokenizer of ``kind`` trained on the toy corpus in the test: 'wordpiece' (BERT), 'bpe'
+    (byte-level, RoBERTa's specials and post-processing) or 'unigram' (SentencePiece-style, ALBERT's)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+
+    names = ["input_ids", "token_type_ids", "attention_mask"] if token_types else ["input_ids", "attention_mask"]
+    if kind == "wordpiece":
+        return BertTokenizerFast(vocab={token: i for i, token in enumerate(toy_vocab())}, do_lower_case=True,
+                                 model_input_names=names)
+    # Trained on more than the toy corpus, as real tokenizers are: vocabulary pruning has rows to drop.
+    texts = toy_corpus()["text"].tolist() + [" ".join(OTHER_WORDS[i:] + OTHER_WORDS[:i]) for i in range(8)]
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=400, special_tokens=BPE_SPECIALS, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", cls_token="<s>",
+                                       sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
+                                       model_input_names=names)
+    assert kind == "unigram", kind
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=150, special_tokens=UNIGRAM_SPECIALS,
+                                                           unk_token="<unk>", show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="<pad>",
+                                   unk_token="<unk>", mask_token="[MASK]", model_input_names=names)
+
+
+def tiny_family_model(model_type: str, num_labels: int = 3, *, layers: int = 2, seed: int = 0):
+    """A random classifier of ``model_type`` (a key of ``FAMILY_MODELS``) and its toy tokenizer:
+    hidden 32, 4 heads of 8, FFN 37, seeded, in eval mode."""
+    import torch
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    config_class, kind, extra = FAMILY_MODELS[model_type]
+    # DistilBERT and ModernBERT take no token types; their real tokenizers do not produce them.
+    tokenizer = family_tokenizer(kind, token_types=model_type not in ("distilbert", "modernbert"))
+    specials = {"pad_token_id": tokenizer.pad_token_id}
+    if model_type == "modernbert":
+        specials.update(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                        cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
+    shape = ({"dim": 32, "n_layers": layers, "n_heads": 4, "hidden_dim": 37} if model_type == "distilbert" else
+             {"hidden_size": 32, "num_hidden_layers": layers, "num_attention_heads": 4, "intermediate_size": 37})
+    # initializer_range 0.3, not 0.02: logits of order 1, so a wrongly pruned head shows.
+    config = getattr(transformers, config_class)(vocab_size=len(tokenizer), max_position_embeddings=64,
+                                                 num_labels=num_labels, initializer_range=0.3,
+                                                 **shape, **specials, **extra)
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config).eval(), tokenizer
+
+
 def build_tiny_bert(folder: Path, num_labels: int | None = None, *, meta: dict | None = None, **shape) -> Path:
     """``tiny_bert_model(num_labels, **shape)`` and the toy tokenizer saved to ``folder``.
 

@@ -222,7 +222,7 @@ def test_a_model_of_another_family_is_refused_when_its_source_is_resolved(tmp_pa
     from bertshrink.errors import ModelSourceError
 
     GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ModelSourceError, match=r"gpt2 is a gpt2 model; bertshrink supports the bert family"):
+    with pytest.raises(ModelSourceError, match=r"gpt2 is a gpt2 model; bertshrink supports the BERT-family encoders BERT, RoBERTa"):
         resolve_model_source(str(tmp_path / "gpt2"))
     BertConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, intermediate_size=8).save_pretrained(
         tmp_path / "bert")

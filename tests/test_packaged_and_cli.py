@@ -70,7 +70,7 @@ def test_a_non_bert_teacher_is_refused_before_any_work(tmp_path):
     (tmp_path / "params.yaml").write_text(f"teacher:\n  model: {tmp_path / 'gpt2'}\n")
     done = run_module(["-m", "flows.pipeline"], tmp_path)
     assert done.returncode == ModelSourceError.exit_code, done.stderr[-2000:]
-    assert "is a gpt2 model; bertshrink supports the bert family" in done.stderr
+    assert "is a gpt2 model; bertshrink supports the BERT-family encoders BERT, RoBERTa" in done.stderr
     assert "KeyError" not in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
 

@@ -82,7 +82,7 @@ def test_impossible_numbers_against_the_teacher_shape():
     assert "compress.recipes.out-of-range[0].drop_layers: layers [9] outside 0..5" in text
     assert "compress.recipes.too-many-heads[0].prune_heads: count 70" in text
     assert "compress.recipes.wide-student[1].distill: student_layers 4 > the 3 layers available" in text
-    assert "compress.recipes.full-rank[0].factorize_embeddings: rank 384 >= hidden size 384 saves nothing" in text
+    assert "compress.recipes.full-rank[0].factorize_embeddings: rank 384 >= embedding width 384 saves nothing" in text
     assert not [p for p in problems if "recipes.fine" in p or "recipes.low-rank" in p]
 
 

@@ -1,4 +1,4 @@
-"""Pruning for BERT classifiers: layers, attention heads, FFN neurons, vocabulary, weights.
+"""Pruning for BERT-family classifiers: layers, attention heads, FFN neurons, vocabulary, weights.
 
 Every structural edit physically removes parameters, so the model really gets smaller. Head and
 FFN pruning leave shapes a standard config cannot describe; they are recorded in the config (see
@@ -14,9 +14,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from bertshrink.compression.vocab import kept_token_ids, tokenizer_with_ids
 from bertshrink.modelfolder.size import count_parameters
-from bertshrink.modelfolder.structure import (FFN_KEY, HEADS_KEY, FactorizedEmbedding, base_model, encoder_layers,
-                                              encoder_linear_modules)
+from bertshrink.modelfolder.families import family_of, get_path, set_path
+from bertshrink.modelfolder.structure import (FactorizedEmbedding, encoder_layers,
+                                              encoder_linear_modules, ffn_width, head_count, head_row_paths,
+                                              head_size, keep_layers, set_head_attributes)
 
 LAYER_STRATEGIES = ("top", "bottom", "alternate", "symmetric")
 
@@ -49,12 +52,13 @@ def layers_to_drop(num_layers: int, strategy: str, n_drop: int) -> list[int]:
 def drop_layers(model, strategy: str | None = None, n_drop: int | None = None, layers=None):
     """Remove encoder layers by ``strategy`` (with ``n_drop``) or by explicit indices ``layers``.
 
-    ``strategy`` may also be a list of indices. Returns (model, report).
+    ``strategy`` may also be a list of indices. ALBERT applies one shared layer
+    ``num_hidden_layers`` times: there, dropping layers means fewer passes (faster, not smaller),
+    and every strategy gives the same model. Returns (model, report).
     """
     if isinstance(strategy, (list, tuple)):
         layers, strategy = list(strategy), None
-    modules = encoder_layers(model)
-    total = len(modules)
+    total = model.config.num_hidden_layers
     if layers is not None:
         drop = sorted(set(int(i) for i in layers))
         if any(not 0 <= i < total for i in drop):
@@ -67,46 +71,35 @@ def drop_layers(model, strategy: str | None = None, n_drop: int | None = None, l
         drop = layers_to_drop(total, strategy, int(n_drop))
     before = count_parameters(model)
     keep = [i for i in range(total) if i not in drop]
-    base = base_model(model)
-    base.encoder.layer = nn.ModuleList(modules[i] for i in keep)
-    for new_idx, layer in enumerate(base.encoder.layer):
-        # layer_idx only addresses KV caches, but keep it consistent with the new position.
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
-    model.config.num_hidden_layers = len(keep)
-    for key in (HEADS_KEY, FFN_KEY):
-        sizes = getattr(model.config, key, None)
-        if sizes is not None:
-            setattr(model.config, key, [sizes[i] for i in keep])
+    keep_layers(model, keep)
     return model, {"dropped": drop, "kept": keep, "params_before": before, "params_after": count_parameters(model)}
 
 
 # --------------------------------------------------------------------------- attention heads
 
 
-def _heads(layer) -> int:
-    return layer.attention.self.num_attention_heads
+def _heads(layer, family) -> int:
+    return head_count(family, layer)
 
 
 @contextmanager
 def head_gates(model, gates: list[torch.Tensor]):
-    """Multiply each layer's per-head attention context by ``gates[layer]`` while inside.
+    """Scale each head's context by ``gates[layer][head]`` while inside (Michel et al.'s head mask).
 
-    transformers 5 dropped ``head_mask``; a forward hook on BertSelfAttention does the same job:
-    the context [batch, seq, heads*size] is viewed per head and scaled before the output dense.
+    transformers 5 dropped ``head_mask``; a pre-hook on the attention output projection does the
+    same job in every family: its input [batch, seq, heads*size] is viewed per head and scaled.
     """
+    family = family_of(model)
     handles = []
     for layer, gate in zip(encoder_layers(model), gates):
-        attn = layer.attention.self
+        size = head_size(family, layer)
 
-        def hook(module, args, output, gate=gate):
-            context = output[0]
+        def hook(module, args, gate=gate, size=size):
+            context = args[0]
             shape = context.shape
-            scaled = context.view(*shape[:-1], gate.numel(), module.attention_head_size) * gate[:, None]
-            return (scaled.view(shape), *output[1:])
+            return (context.view(*shape[:-1], gate.numel(), size) * gate[:, None]).view(shape), *args[1:]
 
-        handles.append(attn.register_forward_hook(hook))
+        handles.append(get_path(layer, family.attention_output).register_forward_pre_hook(hook))
     try:
         yield
     finally:
@@ -121,9 +114,9 @@ def head_importance(model, batches: Iterable[dict], normalize: bool = True) -> t
     layer's scores are divided by their L2 norm, as the paper does before global ranking.
     Returns [layers, max_heads]; layers with fewer heads are padded with NaN.
     """
-    layers = encoder_layers(model)
-    gates = [torch.ones(_heads(layer), requires_grad=True) for layer in layers]
-    scores = [torch.zeros(_heads(layer)) for layer in layers]
+    family, layers = family_of(model), encoder_layers(model)
+    gates = [torch.ones(_heads(layer, family), requires_grad=True) for layer in layers]
+    scores = [torch.zeros(_heads(layer, family)) for layer in layers]
     was_training = model.training
     model.eval()  # no dropout: importance should not depend on the random mask
     try:
@@ -191,30 +184,37 @@ def prune_heads(model, heads_to_prune: dict[int, list[int]]):
 
     Returns (model, report). Records the kept heads in ``config.bertshrink_heads_per_layer``.
     """
-    from transformers.pytorch_utils import prune_linear_layer
 
-    layers = encoder_layers(model)
+    family, layers = family_of(model), encoder_layers(model)
     before = count_parameters(model)
     for layer_idx, heads in heads_to_prune.items():
         layer = layers[int(layer_idx)]
-        n_heads, heads = _heads(layer), sorted(set(int(h) for h in heads))
+        n_heads, heads = _heads(layer, family), sorted(set(int(h) for h in heads))
         if any(not 0 <= h < n_heads for h in heads):
             raise ValueError(f"Layer {layer_idx} has {n_heads} heads; cannot prune {heads}.")
         if len(heads) >= n_heads:
             raise ValueError(f"Cannot prune all {n_heads} heads of layer {layer_idx}; keep at least one.")
-        if not heads:
-            continue
-        attn, size = layer.attention.self, layer.attention.self.attention_head_size
-        keep = torch.tensor([h * size + j for h in range(n_heads) if h not in heads for j in range(size)])
-        attn.query = prune_linear_layer(attn.query, keep, dim=0)
-        attn.key = prune_linear_layer(attn.key, keep, dim=0)
-        attn.value = prune_linear_layer(attn.value, keep, dim=0)
-        layer.attention.output.dense = prune_linear_layer(layer.attention.output.dense, keep, dim=1)
-        attn.num_attention_heads = n_heads - len(heads)
-        attn.all_head_size = attn.num_attention_heads * size
-    model.config.bertshrink_heads_per_layer = [_heads(layer) for layer in layers]
+        if heads:
+            _remove_heads(family, layer, n_heads, heads)
+    model.config.bertshrink_heads_per_layer = [_heads(layer, family) for layer in layers]
     return model, {"heads_per_layer": model.config.bertshrink_heads_per_layer,
                    "params_before": before, "params_after": count_parameters(model)}
+
+
+def _remove_heads(family, layer, n_heads: int, heads: list[int]) -> None:
+    """Cut ``heads`` out of one layer's projections (rows in, columns out)."""
+    from transformers.pytorch_utils import prune_linear_layer
+
+    size = head_size(family, layer)
+    keep = torch.tensor([h * size + j for h in range(n_heads) if h not in heads for j in range(size)])
+    if family.fused_qkv:  # [q; k; v] stacked: the same heads from each third
+        fused = get_path(layer, family.fused_qkv)
+        third = n_heads * size
+        set_path(layer, family.fused_qkv, prune_linear_layer(fused, torch.cat([keep, keep + third, keep + 2 * third]), dim=0))
+    for path in head_row_paths(family, layer):
+        set_path(layer, path, prune_linear_layer(get_path(layer, path), keep, dim=0))
+    set_path(layer, family.attention_output, prune_linear_layer(get_path(layer, family.attention_output), keep, dim=1))
+    set_head_attributes(family, layer, n_heads - len(heads))
 
 
 # --------------------------------------------------------------------------- feed-forward neurons
@@ -222,8 +222,10 @@ def prune_heads(model, heads_to_prune: dict[int, list[int]]):
 
 @contextmanager
 def ffn_masks(model, masks: list[torch.Tensor]):
-    """Multiply each layer's intermediate activations by ``masks[layer]`` while inside."""
-    handles = [layer.intermediate.register_forward_hook(lambda m, a, out, mask=mask: out * mask)
+    """Multiply each layer's FFN activations (the input of its output projection) by ``masks[layer]``."""
+    family = family_of(model)
+    handles = [get_path(layer, family.ffn_out).register_forward_pre_hook(
+                   lambda m, args, mask=mask: (args[0] * mask, *args[1:]))
                for layer, mask in zip(encoder_layers(model), masks)]
     try:
         yield
@@ -232,18 +234,23 @@ def ffn_masks(model, masks: list[torch.Tensor]):
             handle.remove()
 
 
-def ffn_importance(model, batches: Iterable[dict] | None = None) -> list[torch.Tensor]:
-    """Per-layer neuron scores: |d loss / d mask| over ``batches`` if given, else magnitude.
+def _ffn_weight_norms(family, layer) -> torch.Tensor:
+    """||input row(s)|| * ||output column|| per neuron: how much a neuron can contribute, data-free.
+    A gated FFN (GLU) multiplies the value row's norm by the gate row's."""
+    rows = get_path(layer, family.ffn_in).weight.norm(dim=1)
+    width = ffn_width(family, layer)
+    if family.ffn_gated:
+        rows = rows[:width] * rows[width:]
+    return rows * get_path(layer, family.ffn_out).weight.norm(dim=0)
 
-    Magnitude: ||row of intermediate.dense|| * ||column of output.dense||, a data-free proxy
-    for how much a neuron can contribute.
-    """
-    layers = encoder_layers(model)
+
+def ffn_importance(model, batches: Iterable[dict] | None = None) -> list[torch.Tensor]:
+    """Per-layer neuron scores: |d loss / d mask| over ``batches`` if given, else weight magnitude."""
+    family, layers = family_of(model), encoder_layers(model)
     if batches is None:
         with torch.no_grad():
-            return [layer.intermediate.dense.weight.norm(dim=1) * layer.output.dense.weight.norm(dim=0)
-                    for layer in layers]
-    masks = [torch.ones(layer.intermediate.dense.out_features, requires_grad=True) for layer in layers]
+            return [_ffn_weight_norms(family, layer) for layer in layers]
+    masks = [torch.ones(ffn_width(family, layer), requires_grad=True) for layer in layers]
     scores = [torch.zeros_like(m) for m in masks]
     was_training = model.training
     model.eval()
@@ -275,14 +282,15 @@ def prune_ffn(model, ratio: float, importance: list[torch.Tensor] | None = None,
 
     before = count_parameters(model)
     importance = importance if importance is not None else ffn_importance(model, batches)
-    layers = encoder_layers(model)
+    family, layers = family_of(model), encoder_layers(model)
     for layer, keep in zip(layers, ffn_keep_indices(importance, ratio)):
-        layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, keep, dim=0)
-        layer.output.dense = prune_linear_layer(layer.output.dense, keep, dim=1)
-    sizes = [layer.intermediate.dense.out_features for layer in layers]
+        rows = torch.cat([keep, keep + ffn_width(family, layer)]) if family.ffn_gated else keep
+        set_path(layer, family.ffn_in, prune_linear_layer(get_path(layer, family.ffn_in), rows, dim=0))
+        set_path(layer, family.ffn_out, prune_linear_layer(get_path(layer, family.ffn_out), keep, dim=1))
+    sizes = [ffn_width(family, layer) for layer in layers]
     model.config.bertshrink_intermediate_sizes = sizes
     if len(set(sizes)) == 1:
-        model.config.intermediate_size = sizes[0]
+        setattr(model.config, family.ffn_width_key, sizes[0])
     return model, {"intermediate_sizes": sizes, "params_before": before, "params_after": count_parameters(model)}
 
 
@@ -290,45 +298,27 @@ def prune_ffn(model, ratio: float, importance: list[torch.Tensor] | None = None,
 
 
 def prune_vocab(model, tokenizer, texts: Iterable[str], keep_tokens: Iterable[str] = (), output_dir=None):
-    """Keep only the WordPiece tokens ``texts`` use, plus special and ``keep_tokens`` (TextPruner).
+    """Keep only the tokens ``texts`` use, plus special tokens, ``keep_tokens`` and what the
+    tokenizer's algorithm needs to segment them as before (TextPruner).
 
-    WordPiece is greedy longest-match-first: at each position it takes the longest vocabulary
-    entry that matches. Every token it picked for the corpus is kept and no longer entry is
-    added, so the corpus segments exactly as before; only never-used rows disappear.
+    WordPiece, byte-level BPE and SentencePiece/Unigram tokenizers are supported (see
+    ``compression.vocab``): the corpus segments exactly as before, into renumbered ids whose
+    embedding rows are the old ones, so predictions on it are unchanged; only never-used rows go.
     Returns (model, tokenizer, report); saves both to ``output_dir`` if given.
     """
-    from transformers import BertTokenizerFast
-
-    vocab = tokenizer.get_vocab()
-    used = set(tokenizer.all_special_ids)
-    for start in range(0, len(texts := list(texts)), 512):
-        for ids in tokenizer(texts[start:start + 512], add_special_tokens=True)["input_ids"]:
-            used.update(ids)
-    missing = [t for t in keep_tokens if t not in vocab]
-    if missing:
-        raise ValueError(f"keep_tokens not in the vocabulary: {missing}")
-    used.update(vocab[t] for t in keep_tokens)
-    old_ids = sorted(used)  # original order, so relative ids (specials first) are preserved
-    id_to_token = {i: t for t, i in vocab.items()}
-    new_vocab = {id_to_token[old]: new for new, old in enumerate(old_ids)}
-
+    old_ids = kept_token_ids(tokenizer, texts, keep_tokens)
     embeddings = model.get_input_embeddings()
+    if old_ids[-1] >= embeddings.num_embeddings:
+        raise ValueError(f"The tokenizer produces id {old_ids[-1]} but the model has only "
+                         f"{embeddings.num_embeddings} embedding rows: tokenizer and model do not belong together.")
+    new_ids = {old: new for new, old in enumerate(old_ids)}
+    _check_positions_survive(model, new_ids)
+    new_tokenizer = tokenizer_with_ids(tokenizer, old_ids)
     before = count_parameters(model)
-    pad_id = new_vocab.get(tokenizer.pad_token) if tokenizer.pad_token else None
+    pad_id = new_ids.get(model.config.pad_token_id)
     model.set_input_embeddings(_embedding_rows(embeddings, old_ids, pad_id))
     model.config.vocab_size = len(old_ids)
-    if pad_id is not None:
-        model.config.pad_token_id = pad_id
-
-    new_tokenizer = BertTokenizerFast(
-        vocab=new_vocab,  # transformers 5 takes a dict; vocab_file= would be silently ignored
-        do_lower_case=getattr(tokenizer, "do_lower_case", True),
-        tokenize_chinese_chars=getattr(tokenizer, "tokenize_chinese_chars", True),
-        strip_accents=getattr(tokenizer, "strip_accents", None),
-        unk_token=tokenizer.unk_token, sep_token=tokenizer.sep_token, pad_token=tokenizer.pad_token,
-        cls_token=tokenizer.cls_token, mask_token=tokenizer.mask_token,
-        model_max_length=tokenizer.model_max_length,
-    )
+    _renumber_config_token_ids(model.config, new_ids)
     if output_dir is not None:
         model.save_pretrained(output_dir)
         new_tokenizer.save_pretrained(output_dir)
@@ -336,6 +326,28 @@ def prune_vocab(model, tokenizer, texts: Iterable[str], keep_tokens: Iterable[st
     report = {"vocab_before": embeddings.num_embeddings, "vocab_after": len(old_ids),
               "params_before": before, "params_after": count_parameters(model)}
     return model, new_tokenizer, report
+
+
+TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id",
+                 "unk_token_id", "mask_token_id")
+
+
+def _check_positions_survive(model, new_ids: dict[int, int]) -> None:
+    """RoBERTa numbers positions from its pad id: if the pad id moved, every position would shift."""
+    pad = model.config.pad_token_id
+    if family_of(model).pad_sets_positions and pad is not None and new_ids.get(pad) != pad:
+        raise ValueError(f"prune_vocab would move the pad token from id {pad} to {new_ids.get(pad)}, and "
+                         f"{family_of(model).name} numbers positions from the pad id, so every prediction would "
+                         "change. This tokenizer keeps ids below the pad id that the texts never use; "
+                         "add them to keep_tokens, or drop prune_vocab from the recipe.")
+
+
+def _renumber_config_token_ids(config, new_ids: dict[int, int]) -> None:
+    """Special token ids the config records (pad, bos, cls, ...), in the new numbering."""
+    for key in TOKEN_ID_KEYS:
+        old = getattr(config, key, None)
+        if isinstance(old, int) and old in new_ids:
+            setattr(config, key, new_ids[old])
 
 
 def _embedding_rows(embeddings, rows: list[int], pad_id: int | None):

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bertshrink.config.knobs import KdLossKnobs, Knobs, TrainingKnobs
+from bertshrink.modelfolder.families import Family, family_of, refusal
 from bertshrink.modelfolder.files import ORT_BACKEND, TORCH_QUANT_MODES, TorchQuantMode
 
 
@@ -368,14 +369,23 @@ class CompressParams(BaseModel):
 
 
 def check_against_teacher(recipes: CompressParams, num_layers: int, num_heads: int,
-                          hidden_size: int | None = None) -> list[str]:
-    """Problems that need the teacher's shape, as ``recipe[step].kind: message`` lines."""
+                          hidden_size: int | None = None, family: Family | None = None,
+                          weight_layers: int | None = None) -> list[str]:
+    """Problems that need the teacher's shape and family, as ``recipe[step].kind: message`` lines.
+
+    ``weight_layers``: layers with weights of their own when fewer than ``num_layers`` (ALBERT
+    shares one layer across all passes, so its heads are counted once)."""
     problems = []
     for name, recipe in recipes.recipes.items():
-        layers, heads = num_layers, num_heads * num_layers
+        layers = num_layers
         for i, step in enumerate(recipe.steps):
             where = f"compress.recipes.{name}[{i}].{step.kind}"
-            if isinstance(step, DropLayersStep):
+            heads_layers = weight_layers or layers
+            heads = num_heads * heads_layers
+            why = refusal(family, step.kind) if family else None
+            if why:
+                problems.append(f"{where}: {family.name} models cannot take this step: {why}")
+            elif isinstance(step, DropLayersStep):
                 dropped = len(set(step.layers)) if step.layers else step.n_drop
                 bad = [l for l in (step.layers or ()) if not 0 <= l < layers]
                 if bad:
@@ -383,11 +393,11 @@ def check_against_teacher(recipes: CompressParams, num_layers: int, num_heads: i
                 if dropped >= layers:
                     problems.append(f"{where}: drops {dropped} of {layers} layers; at least one must remain")
                 layers -= min(dropped, layers - 1)
-                heads = num_heads * layers
-            elif isinstance(step, PruneHeadsStep) and step.count is not None and step.count >= heads - layers + 1:
-                problems.append(f"{where}: count {step.count} leaves fewer than one head per layer ({heads} heads in {layers} layers)")
+            elif isinstance(step, PruneHeadsStep) and step.count is not None and step.count >= heads - heads_layers + 1:
+                problems.append(f"{where}: count {step.count} leaves fewer than one head per layer "
+                                f"({heads} heads in {heads_layers} layers)")
             elif isinstance(step, FactorizeEmbeddingsStep) and hidden_size and step.rank >= hidden_size:
-                problems.append(f"{where}: rank {step.rank} >= hidden size {hidden_size} saves nothing; "
+                problems.append(f"{where}: rank {step.rank} >= embedding width {hidden_size} saves nothing; "
                                 f"use a rank below {hidden_size} (ALBERT uses 128 for 768)")
             elif isinstance(step, DistillStep):
                 if step.student_layers is not None and step.student_layers > layers:
@@ -396,11 +406,12 @@ def check_against_teacher(recipes: CompressParams, num_layers: int, num_heads: i
                 if bad:
                     problems.append(f"{where}: teacher_layers {bad} outside 0..{layers - 1}")
                 layers = step.student_layers or (len(step.teacher_layers) if step.teacher_layers else layers)
-                heads = num_heads * layers
     return problems
 
 
 def check_against_config(recipes: CompressParams, config: dict) -> list[str]:
-    """``check_against_teacher`` with the shape read from a ``config.json`` dict."""
-    return check_against_teacher(recipes, config["num_hidden_layers"], config["num_attention_heads"],
-                                 config.get("hidden_size"))
+    """``check_against_teacher`` with the shape and family read from a ``config.json`` dict."""
+    family = family_of(config)
+    shape = family.shape(config)
+    return check_against_teacher(recipes, shape.layers, shape.heads, shape.embedding_width, family,
+                                 shape.weight_layers)

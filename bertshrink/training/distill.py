@@ -26,7 +26,7 @@ from bertshrink.data.prepare import PreparedData
 from bertshrink.modelfolder.load import load_classifier_with_labels, load_tokenizer
 from bertshrink.modelfolder.meta import ModelMeta, save_model_folder
 from bertshrink.modelfolder.size import count_parameters
-from bertshrink.modelfolder.structure import base_model
+from bertshrink.modelfolder.structure import keep_layers
 from bertshrink.training.losses import (attention_loss, embedding_mse_loss, hidden_mse_loss, kd_logits_loss,
                                         labelled_cross_entropy)
 from bertshrink.training.finetune import (
@@ -72,10 +72,6 @@ def _check_layers(layers: list[int], n_teacher: int, what: str) -> list[int]:
     return layers
 
 
-def _encoder(model) -> Any:
-    return base_model(model).encoder
-
-
 def init_student_from_teacher(teacher_model, layers: list[int]):
     """A deep copy of ``teacher_model`` that keeps only the encoder layers ``layers`` (0-based).
 
@@ -89,14 +85,7 @@ def init_student_from_teacher(teacher_model, layers: list[int]):
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers {layers} repeats a teacher layer")
     student = copy.deepcopy(teacher_model)
-    encoder = _encoder(student)
-    kept = [encoder.layer[i] for i in layers]
-    for new_idx, layer in enumerate(kept):  # the cache index each attention uses
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
-    encoder.layer = nn.ModuleList(kept)
-    student.config.num_hidden_layers = len(layers)
+    keep_layers(student, layers)
     return student
 
 
