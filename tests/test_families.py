@@ -150,8 +150,15 @@ def test_step_runs_or_is_refused(model_type, cell, teachers, prepared, tmp_path,
     meta = read_meta(tmp_path / "candidate")
     assert meta.format == ("onnx" if cell.startswith("onnx") or cell == "export_onnx" else "pytorch")
     _check_effect(model_type, cell, first, candidate)
-    record_property("cell", "yes" if not (cell == "drop_layers" and family_of(model_type).shared_layers) else
-                    "yes (fewer passes through the shared layer: faster, not smaller)")
+    shared = family_of(model_type).shared_layers
+    record_property("cell", f"yes ({SHARED_LAYER_NOTES[cell]})" if shared and cell in SHARED_LAYER_NOTES else "yes")
+
+
+# What a step means for ALBERT, whose layers are one shared layer applied num_hidden_layers times.
+SHARED_LAYER_NOTES = {"drop_layers": "fewer passes of the shared layer: faster, not smaller",
+                      "distill": "the student makes fewer passes of the shared layer",
+                      "prune_heads": "cut from the shared layer, so from every pass",
+                      "prune_ffn": "cut from the shared layer, so from every pass"}
 
 
 # Linear layers in the tiny models' transformer layers: q, k, v, out, FFN in, FFN out per layer;

@@ -283,3 +283,32 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
 
     with pytest.raises(CompressionError, match="broken: RuntimeError"):
         compress_flow(load_params(params_file), recipes=["broken"])
+
+
+def test_a_roberta_teacher_goes_through_the_whole_pipeline(workdir, toy_csv, prefect_server):
+    """Not only BERT: a tiny RoBERTa (byte-level BPE tokenizer) is fine-tuned, vocabulary-pruned,
+    exported, quantized, evaluated, registered, and served with text through MLflow."""
+    import mlflow
+
+    from conftest import tiny_family_model
+    from flows.pipeline import pipeline_flow
+
+    model, tokenizer = tiny_family_model("roberta")
+    model.save_pretrained(workdir / "roberta")
+    tokenizer.save_pretrained(workdir / "roberta")
+    recipes = {"recipes": {"vocab-int8": ["prune_vocab", {"export_onnx": {"parity_rows": 16}},
+                                          {"quantize": {"mode": "dynamic"}}],
+                           "heads": [{"prune_heads": {"count": 2, "importance_batches": 2}}]},
+               "baseline": "vocab-int8"}
+    params_file = write_params(workdir, toy_csv, workdir / "roberta", compress=recipes)
+    pipeline_flow(params_file=str(params_file), dvc_commit=False)
+
+    teacher = json.loads((workdir / "metrics/teacher.json").read_text())
+    pruned = json.loads((workdir / "metrics/vocab-int8.json").read_text())
+    assert teacher["metrics"]["test"]["accuracy"] >= 0.8  # the toy topics are easy once trained
+    assert pruned["metrics"]["test"]["accuracy"] >= teacher["metrics"]["test"]["accuracy"] - 0.1
+    steps = json.loads((workdir / "models/candidates/vocab-int8/bertshrink.json").read_text())["recipe_steps"]
+    assert steps[0]["details"]["vocab_after"] < steps[0]["details"]["vocab_before"] == 400
+    for alias in ("vocab-int8", "heads"):
+        served = mlflow.pyfunc.load_model(f"models:/tiny-teacher@{alias}").predict(["goal match team coach league"])
+        assert list(served.columns) == ["label", "score"] and served["label"][0] in ("film", "money", "sport")
