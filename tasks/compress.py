@@ -33,7 +33,8 @@ def compress_recipe(name: str, recipe: Recipe, paths: Artifacts, seed: int, run_
     teacher_version = teacher_model_version(paths)
     records = run_recipe(name, recipe, paths.teacher, prepared, out, paths.checkpoints("compress", name), seed,
                          int(teacher.max_length or 128),
-                         extra_meta={"compress_run_id": run_id, "teacher_model_version": teacher_version})
+                         extra_meta={"compress_run_id": run_id, "teacher_model_version": teacher_version},
+                         logits_cache_dir=paths.checkpoints("teacher-logits"))
     log_params(run_id, {"recipe": name, **{f"step{r.index}.{r.kind}.{k}": v for r in records for k, v in r.params.items()}})
     for r in records:
         log_metrics(run_id, {f"step{r.index}.parameters_before": r.parameters_before,

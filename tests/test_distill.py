@@ -15,8 +15,10 @@ from bertshrink.config.params import TeacherParams
 from bertshrink.config.recipes import DistillStep
 from bertshrink.modelfolder.meta import read_meta
 from bertshrink.modelfolder.size import count_parameters
+import bertshrink.training.distill as distill_module
 from bertshrink.training.distill import distill, init_student_from_teacher, uniform_layer_map
-from bertshrink.training.finetune import train_teacher
+from bertshrink.training.finetune import tokenize_frame, train_teacher
+from bertshrink.training.teacher_logits import cached_teacher_logits
 from bertshrink.training.losses import (attention_loss, embedding_mse_loss, hidden_mse_loss, kd_logits_loss,
                                         labelled_cross_entropy)
 from conftest import build_tiny_bert, tiny_bert_model, toy_corpus
@@ -327,3 +329,40 @@ def test_two_stage_runs(tmp_path, trained_teacher, prepared):
     meta = read_meta(result.model_dir)
     assert meta.teacher_layers == [0, 2] and meta.layer_map == [1, 3] and meta.distill["two_stage"] is True
     assert AutoModelForSequenceClassification.from_pretrained(result.model_dir).config.num_hidden_layers == 2
+
+
+# ------------------------------------------------------------------------------ cached teacher logits
+
+
+def test_cached_teacher_logits_are_each_texts_own_logits(tmp_path, trained_teacher, prepared):
+    """Computed in length-sorted padded batches, each row equals the teacher on that text alone."""
+    tokenizer = AutoTokenizer.from_pretrained(trained_teacher)
+    teacher = AutoModelForSequenceClassification.from_pretrained(trained_teacher).eval()
+    encoded = tokenize_frame(prepared.splits["train"], tokenizer, 32)
+    logits, reused = cached_teacher_logits(teacher, "fp", encoded, tokenizer, tmp_path / "cache")
+    assert not reused and logits.shape == (len(prepared.splits["train"]), 3)
+    with torch.no_grad():
+        for i, text in enumerate(prepared.splits["train"]["text"][:12]):
+            alone = teacher(**tokenizer(text, truncation=True, max_length=32, return_tensors="pt")).logits[0]
+            torch.testing.assert_close(torch.from_numpy(logits[i]), alone, atol=1e-5, rtol=1e-4)
+    again, reused = cached_teacher_logits(teacher, "fp", encoded, tokenizer, tmp_path / "cache")
+    assert reused and (again == logits).all()
+    # another teacher (fingerprint) or other inputs are other keys
+    assert not cached_teacher_logits(teacher, "other", encoded, tokenizer, tmp_path / "cache")[1]
+    assert not cached_teacher_logits(teacher, "fp", encoded.select(range(10)), tokenizer, tmp_path / "cache")[1]
+
+
+@pytest.mark.slow
+def test_distill_with_cached_logits_trains_as_with_the_live_teacher(tmp_path, trained_teacher, prepared, monkeypatch):
+    """ce + kd only: the cached logits replace the teacher's forward pass and give the same student."""
+    step = _quick(alpha_hidden=0.0, alpha_attention=0.0, epochs=2)
+    cached = _distill(trained_teacher, prepared, step, tmp_path / "cached", tmp_path / "w1",
+                      logits_cache_dir=tmp_path / "logits")
+    assert len(list((tmp_path / "logits").glob("*.npy"))) == 1
+    assert cached.metrics["train_teacher_passes"] == 0
+    monkeypatch.setattr(distill_module, "_prediction_losses_only", lambda step: False)  # the live teacher, as before
+    live = _distill(trained_teacher, prepared, step, tmp_path / "live", tmp_path / "w2")
+    assert live.metrics["train_teacher_passes"] == 2 * math.ceil(len(prepared.splits["train"]) / 8)  # every step
+    a, b = load_file(cached.model_dir / "model.safetensors"), load_file(live.model_dir / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3)

@@ -58,6 +58,8 @@ class RecipeContext:
     work_dir: Path
     seed: int
     max_length: int
+    # Teacher logits kept across recipes (``training.teacher_logits``); None: one recipe's distill steps only.
+    logits_cache_dir: Path | None = None
 
 
 def _save(model, tokenizer, source_dir: Path, target: Path) -> None:
@@ -140,7 +142,8 @@ def _distill(step: DistillStep, current: Path, out: Path, ctx: RecipeContext) ->
     # A step before this one already shaped the student; otherwise it is cut from the teacher.
     student_dir = None if current == ctx.teacher_dir else current
     result = distill(ctx.teacher_dir, ctx.prepared, step, out, ctx.work_dir / f"ckpt-{out.name}",
-                     max_length=ctx.max_length, seed=ctx.seed, student_dir=student_dir)
+                     max_length=ctx.max_length, seed=ctx.seed, student_dir=student_dir,
+                     logits_cache_dir=ctx.logits_cache_dir)
     return {"metrics": result.metrics}
 
 
@@ -168,7 +171,8 @@ def _train_quantization_aware(step: QatStep | QuantNoiseStep, current: Path, out
         return _finetune(step, current, out, ctx, train_context=context)
     # The current model is the student (the teacher itself when this is the first step).
     result = distill(ctx.teacher_dir, ctx.prepared, step.as_distill_step(), out, ctx.work_dir / f"ckpt-{out.name}",
-                     max_length=ctx.max_length, seed=ctx.seed, student_dir=current, train_context=context)
+                     max_length=ctx.max_length, seed=ctx.seed, student_dir=current, train_context=context,
+                     logits_cache_dir=ctx.logits_cache_dir)
     return {"metrics": result.metrics}
 
 
@@ -220,16 +224,18 @@ def _parameters(model_dir: Path) -> int:
 
 
 def run_recipe(name: str, recipe: Recipe, teacher_dir: Path, prepared: PreparedData, output_dir: Path,
-               work_dir: Path, seed: int, max_length: int, extra_meta: dict[str, Any] | None = None) -> list[StepRecord]:
+               work_dir: Path, seed: int, max_length: int, extra_meta: dict[str, Any] | None = None,
+               logits_cache_dir: Path | None = None) -> list[StepRecord]:
     """Apply ``recipe`` to a copy of the teacher; the candidate lands in ``output_dir`` whole.
 
-    ``extra_meta`` (e.g. tracking ids) is written into the candidate's ``bertshrink.json``.
+    ``extra_meta`` (e.g. tracking ids) is written into the candidate's ``bertshrink.json``;
+    ``logits_cache_dir`` keeps the teacher's logits for the distill steps of later recipes.
     """
     teacher_dir, work_dir = Path(teacher_dir), Path(work_dir)
     recover_leftovers(Path(output_dir))  # a candidate swap a kill interrupted: put the old one back
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
-    ctx = RecipeContext(teacher_dir, prepared, work_dir, seed, max_length)
+    ctx = RecipeContext(teacher_dir, prepared, work_dir, seed, max_length, logits_cache_dir)
     current, records = teacher_dir, []
     before = _parameters(teacher_dir)
     for index, step in enumerate(recipe.steps):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,11 @@ from bertshrink.config.recipes import INTERMEDIATE_LOSSES, PREDICTION_LOSSES, Di
 from bertshrink.data.prepare import PreparedData
 from bertshrink.modelfolder.load import load_classifier_with_labels, load_tokenizer
 from bertshrink.modelfolder.meta import ModelMeta, save_model_folder
-from bertshrink.modelfolder.size import count_parameters
+from bertshrink.modelfolder.size import content_fingerprint, count_parameters
 from bertshrink.modelfolder.structure import keep_layers
 from bertshrink.training.losses import (attention_loss, embedding_mse_loss, hidden_mse_loss, kd_logits_loss,
                                         labelled_cross_entropy)
+from bertshrink.training.teacher_logits import LOGITS_COLUMN, cached_teacher_logits, with_teacher_logits
 from bertshrink.training.finetune import (
     GuardedTrainer,
     TrainResult,
@@ -41,6 +43,7 @@ from bertshrink.training.finetune import (
 )
 
 INTERMEDIATE, PREDICTION = INTERMEDIATE_LOSSES, PREDICTION_LOSSES
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- students
@@ -124,6 +127,7 @@ class DistillationTrainer(GuardedTrainer):
             raise ValueError(f"attention loss needs equal head counts: student has {s_cfg.num_attention_heads}, "
                              f"teacher has {t_cfg.num_attention_heads}")
         self.projections = nn.ModuleDict()
+        self.teacher_passes = 0  # live teacher forward passes in training steps (0 with cached logits)
         if s_cfg.hidden_size != t_cfg.hidden_size:
             if self.weights["hidden"] > 0:
                 self.projections["hidden"] = nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size)
@@ -140,6 +144,12 @@ class DistillationTrainer(GuardedTrainer):
             optimizer.add_param_group({"params": params, "weight_decay": 0.0})
         return optimizer
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the cached teacher logits column: the model's forward does not take it, we do."""
+        super()._set_signature_columns_if_needed()
+        if LOGITS_COLUMN not in self._signature_columns:
+            self._signature_columns.append(LOGITS_COLUMN)
+
     def compute_task_loss(self, model, inputs, num_items_in_batch=None):
         w = self.weights
         need_hidden = w["hidden"] > 0 or w["embedding"] > 0
@@ -148,10 +158,15 @@ class DistillationTrainer(GuardedTrainer):
         if self.projections.training != model.training:
             self.projections.train(model.training)
         labels = inputs.get("labels")
-        features = {k: v for k, v in inputs.items() if k != "labels"}
+        cached = inputs.get(LOGITS_COLUMN)
+        features = {k: v for k, v in inputs.items() if k not in ("labels", LOGITS_COLUMN)}
         out = model(**features, output_hidden_states=need_hidden, output_attentions=need_attn)
-        with torch.no_grad():
-            t_out = self.teacher(**features, output_hidden_states=need_hidden, output_attentions=need_attn)
+        if cached is not None and not (need_hidden or need_attn):
+            t_out = SequenceClassifierOutput(logits=cached.to(out.logits.dtype))  # no teacher pass
+        else:
+            with torch.no_grad():
+                t_out = self.teacher(**features, output_hidden_states=need_hidden, output_attentions=need_attn)
+            self.teacher_passes += int(model.training)
         parts: dict[str, torch.Tensor] = {}
         if w["ce"] > 0 and labels is not None:
             parts["ce"] = labelled_cross_entropy(out.logits, labels)
@@ -201,14 +216,17 @@ def _use_eager_attention(model) -> str:
 
 
 def distill(teacher_dir, prepared: PreparedData, step: DistillStep, output_dir, work_dir, *, max_length: int,
-            seed: int, student_dir=None, callbacks: list | None = None, train_context=None) -> TrainResult:
+            seed: int, student_dir=None, callbacks: list | None = None, train_context=None,
+            logits_cache_dir: Path | None = None) -> TrainResult:
     """Distill the classifier in ``teacher_dir`` into a smaller student saved at ``output_dir``.
 
     The student is the teacher cut down to ``step``'s layers, or the model in ``student_dir`` (any
     smaller BERT with the teacher's vocabulary; it gets the teacher's labels and tokenizer).
     Checkpoints go to ``work_dir`` and are removed after saving (no resume: the projections are
     not checkpointed). ``train_context(student)`` wraps training (e.g. fake quantization) and must
-    leave a plain model behind when it exits. Returns ``TrainResult``; ``history`` is the trainer's
+    leave a plain model behind when it exits. With prediction-layer losses only, the teacher's
+    logits on the training texts are computed once (kept in ``logits_cache_dir`` when given, for
+    later calls) instead of on every step. Returns ``TrainResult``; ``history`` is the trainer's
     log history (both stages, in order, when ``two_stage``).
     """
     set_seed(seed)
@@ -230,6 +248,12 @@ def distill(teacher_dir, prepared: PreparedData, step: DistillStep, output_dir, 
     encoded = tokenize_splits(prepared, tokenizer, max_length)
     if step.transfer:
         encoded["train"] = with_transfer_texts(encoded["train"], prepared, tokenizer, max_length)
+    if _prediction_losses_only(step):
+        logits, reused = cached_teacher_logits(teacher.to(device), content_fingerprint(teacher_dir), encoded["train"],
+                                               tokenizer, logits_cache_dir, device)
+        encoded["train"] = with_teacher_logits(encoded["train"], logits)
+        log.info("Teacher logits for %d training examples %s", len(logits),
+                 f"reused from {logits_cache_dir}" if reused else "computed once for every epoch")
     stages = (["intermediate", "prediction"] if step.two_stage else [None])
     work_dir = Path(work_dir)
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -246,6 +270,7 @@ def distill(teacher_dir, prepared: PreparedData, step: DistillStep, output_dir, 
             eval_metrics = trainer.evaluate()
             prefix = f"{stage}_" if stage else ""
             metrics.update({f"{prefix}{k}": v for k, v in {**train_output.metrics, **eval_metrics}.items()})
+            metrics[f"{prefix}train_teacher_passes"] = trainer.teacher_passes
             history.extend({**h, "stage": stage} if stage else h for h in trainer.state.log_history)
             student = trainer.model
     if step.two_stage:  # the headline figures are the final (prediction) stage's
@@ -263,6 +288,11 @@ def distill(teacher_dir, prepared: PreparedData, step: DistillStep, output_dir, 
     save_model_folder(student.cpu(), tokenizer, meta, output_dir)
     shutil.rmtree(work_dir, ignore_errors=True)
     return TrainResult(Path(output_dir), metrics, history, None, device)
+
+
+def _prediction_losses_only(step: DistillStep) -> bool:
+    """Only ``ce`` and ``kd`` in every stage: the teacher's logits are all it must give."""
+    return all(step.loss_weights(None).get(k, 0.0) == 0.0 for k in INTERMEDIATE) and not step.two_stage
 
 
 def _make_student(teacher, step: DistillStep, num_labels: int, student_dir) -> tuple[Any, list[int] | None, list[int]]:
