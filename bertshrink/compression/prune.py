@@ -78,10 +78,6 @@ def drop_layers(model, strategy: str | None = None, n_drop: int | None = None, l
 # --------------------------------------------------------------------------- attention heads
 
 
-def _heads(layer, family) -> int:
-    return head_count(family, layer)
-
-
 @contextmanager
 def head_gates(model, gates: list[torch.Tensor]):
     """Scale each head's context by ``gates[layer][head]`` while inside (Michel et al.'s head mask).
@@ -115,8 +111,8 @@ def head_importance(model, batches: Iterable[dict], normalize: bool = True) -> t
     Returns [layers, max_heads]; layers with fewer heads are padded with NaN.
     """
     family, layers = family_of(model), encoder_layers(model)
-    gates = [torch.ones(_heads(layer, family), requires_grad=True) for layer in layers]
-    scores = [torch.zeros(_heads(layer, family)) for layer in layers]
+    gates = [torch.ones(head_count(family, layer), requires_grad=True) for layer in layers]
+    scores = [torch.zeros(head_count(family, layer)) for layer in layers]
     was_training = model.training
     model.eval()  # no dropout: importance should not depend on the random mask
     try:
@@ -189,14 +185,14 @@ def prune_heads(model, heads_to_prune: dict[int, list[int]]):
     before = count_parameters(model)
     for layer_idx, heads in heads_to_prune.items():
         layer = layers[int(layer_idx)]
-        n_heads, heads = _heads(layer, family), sorted(set(int(h) for h in heads))
+        n_heads, heads = head_count(family, layer), sorted(set(int(h) for h in heads))
         if any(not 0 <= h < n_heads for h in heads):
             raise ValueError(f"Layer {layer_idx} has {n_heads} heads; cannot prune {heads}.")
         if len(heads) >= n_heads:
             raise ValueError(f"Cannot prune all {n_heads} heads of layer {layer_idx}; keep at least one.")
         if heads:
             _remove_heads(family, layer, n_heads, heads)
-    model.config.bertshrink_heads_per_layer = [_heads(layer, family) for layer in layers]
+    model.config.bertshrink_heads_per_layer = [head_count(family, layer) for layer in layers]
     return model, {"heads_per_layer": model.config.bertshrink_heads_per_layer,
                    "params_before": before, "params_after": count_parameters(model)}
 
