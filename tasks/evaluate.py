@@ -12,7 +12,8 @@ from prefect.cache_policies import NONE as NO_CACHE
 from bertshrink.config.artifacts import TEACHER, Artifacts, model_name as name_of
 from bertshrink.config.params import EvaluateParams
 from bertshrink.data.prepare import PreparedData, load_prepared
-from bertshrink.evaluation.behaviour import behaviour_report, disagreement_table
+from bertshrink.config.recipes import REPORTED_SPLIT, SELECTION_SPLIT
+from bertshrink.evaluation.behaviour import behaviour_report, disagreement_table, fidelity
 from bertshrink.evaluation.latency import compare_latency, latency_texts, ratios
 from bertshrink.evaluation.machine import machine_info
 from bertshrink.evaluation.metrics import evaluate_model, flat_metrics
@@ -21,30 +22,41 @@ from bertshrink.modelfolder.size import content_fingerprint, size_on_disk
 from tracking.runs import log_artifact, log_metrics, log_params, set_tags
 
 
-def teacher_reference(paths: Artifacts, model_name: str, own: dict) -> tuple[list[int] | None, float | None]:
-    """The teacher's test predictions and accuracy (its own for the teacher); None if it was not evaluated."""
+def teacher_reference(paths: Artifacts, model_name: str, own: dict) -> tuple[dict | None, dict | None]:
+    """The teacher's predictions and per-split metrics (its own for the teacher); None if it was not evaluated."""
     if model_name == TEACHER:
-        return own["predictions"]["test"], own["metrics"]["test"]["accuracy"]
+        return own["predictions"], own["metrics"]
     files = paths.predictions(TEACHER), paths.metrics(TEACHER)
     if not all(f.is_file() for f in files):
         print(f"bertshrink: note: {files[0]} missing: evaluate the teacher first for agreement and retention "
               "(`python -m flows.evaluate`).", file=sys.stderr)
         return None, None
     predictions, metrics = (json.loads(f.read_text()) for f in files)
-    return predictions["test"], metrics["metrics"]["test"]["accuracy"]
+    return predictions, metrics["metrics"]
+
+
+def _on(split: str, predictions: dict | None, metrics: dict | None) -> tuple[list[int] | None, float | None]:
+    if predictions is None or metrics is None:
+        return None, None
+    return predictions.get(split), (metrics.get(split) or {}).get("accuracy")
 
 
 def add_behaviour(result: dict, prepared: PreparedData, paths: Artifacts, model_name: str) -> tuple[dict, Path | None]:
-    """Agreement, retention, per-class and per-length accuracy into ``result``; the disagreements as CSV."""
-    test = prepared.splits["test"]
+    """Into ``result``: ``selection`` (validation accuracy, agreement and retention: what the promotion
+    rule judges) and ``behaviour`` (the same on test, per-class and per-length accuracy: what reports
+    show); the test disagreements as CSV."""
+    teacher_predictions, teacher_metrics = teacher_reference(paths, model_name, result)
+    labels = prepared.splits[SELECTION_SPLIT]["label"].to_numpy()
+    result["selection"] = {"split": SELECTION_SPLIT, **fidelity(
+        labels, result["predictions"][SELECTION_SPLIT], *_on(SELECTION_SPLIT, teacher_predictions, teacher_metrics))}
+    test = prepared.splits[REPORTED_SPLIT]
     texts, labels = test["text"].astype(str).tolist(), test["label"].to_numpy()
-    teacher_predictions, teacher_accuracy = teacher_reference(paths, model_name, result)
-    ours = result["predictions"]["test"]
-    result["behaviour"] = behaviour_report(texts, labels, ours, prepared.label_names, teacher_predictions,
-                                           teacher_accuracy)
-    if teacher_predictions is None or model_name == TEACHER:
+    teacher_test, teacher_accuracy = _on(REPORTED_SPLIT, teacher_predictions, teacher_metrics)
+    ours = result["predictions"][REPORTED_SPLIT]
+    result["behaviour"] = behaviour_report(texts, labels, ours, prepared.label_names, teacher_test, teacher_accuracy)
+    if teacher_test is None or model_name == TEACHER:
         return result, None
-    table = disagreement_table(texts, labels, ours, teacher_predictions, prepared.label_names)
+    table = disagreement_table(texts, labels, ours, teacher_test, prepared.label_names)
     out = paths.disagreements(model_name)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)

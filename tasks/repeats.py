@@ -31,7 +31,7 @@ def seed_spread_task(name: str, recipe: Recipe, evaluate: EvaluateParams, paths:
     test = result["metrics"]["test"]
     first = {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
              "agreement": result.get("behaviour", {}).get("agreement")}
-    teacher_predictions, _ = teacher_reference(paths, name, result)
+    teacher_predictions = (teacher_reference(paths, name, result)[0] or {}).get("test")  # the seeds' spread reports test
     max_length = int(read_meta(paths.teacher).max_length or evaluate.max_length)
     result["seeds"] = repeat_over_seeds(name, recipe, paths.teacher, load_prepared(paths.prepared),
                                         paths.checkpoints("seeds", name), first, seed, evaluate.seeds, max_length,

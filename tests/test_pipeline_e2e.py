@@ -82,6 +82,7 @@ def test_pipeline_end_to_end(workdir, tiny_bert, toy_csv, prefect_server):
     assert str(version.version) == out["registered"][0]["version"]
     assert version.tags["data_content_hash"] == meta["content_hash"]
     assert float(version.tags["metric.test.accuracy"]) == metrics["metrics"]["test"]["accuracy"]
+    assert float(version.tags["metric.selection.accuracy"]) == metrics["metrics"]["validation"]["accuracy"]
     assert "git_commit" in version.tags and json.loads(version.tags["params"])["max_length"] == 32
 
     # one parent run per execution, a nested run per stage
@@ -100,6 +101,9 @@ def test_pipeline_end_to_end(workdir, tiny_bert, toy_csv, prefect_server):
     assert floor["format"] == "sklearn" and floor["size"]["total_bytes"] > 0 and floor["parameters"] > 0
     assert floor["latency"]["batch_1"]["p50_ms"] > 0 and 0.0 <= floor["behaviour"]["agreement"] <= 1.0
     assert metrics["behaviour"]["agreement"] == 1.0 and metrics["behaviour"]["retention"] == 1.0
+    # what the promotion rule judges: the validation split's figures, recorded and tagged apart from test's
+    assert metrics["selection"] == {"split": "validation", "accuracy": metrics["metrics"]["validation"]["accuracy"],
+                                    "agreement": 1.0, "disagreements": 0, "retention": 1.0}
     assert set(metrics["behaviour"]["by_class"]) == {"film", "money", "sport"}
     assert sum(b["n"] for b in metrics["behaviour"]["by_length"].values()) == metrics["metrics"]["test"]["n"]
 
@@ -243,8 +247,8 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
     # constraints, fastest at batch 1 in the interleaved comparison
     def eligible(name):
         record = json.loads((workdir / f"reports/registry/{name}.json").read_text())
-        behaviour = json.loads((workdir / f"metrics/{name}.json").read_text())["behaviour"]
-        return record.get("registered", True) and behaviour["retention"] >= 0.9 and behaviour["agreement"] >= 0.8
+        selection = json.loads((workdir / f"metrics/{name}.json").read_text())["selection"]  # validation figures
+        return record.get("registered", True) and selection["retention"] >= 0.9 and selection["agreement"] >= 0.8
 
     names = [n for n in ("teacher", "drop-distill", "heads", "onnx-int8") if eligible(n)]
     expected = min(names, key=lambda n: comparison["models"][n]["latency"]["batch_1"]["p50_ms"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bertshrink.selection.promotion import (Candidate, Constraints, candidate_from_result, candidate_from_tags,
-                                  champion_decision, check_manual_promotion, choose, improvement, violations)
+                                  champion_decision, check_manual_promotion, choose, describe, improvement,
+                                  violations)
 
 RULE = Constraints(min_retention=0.98, min_agreement=0.9, max_p95_ms=10.0, max_size_mb=50.0)
 
@@ -181,23 +182,28 @@ def test_force_needs_and_records_a_reason():
 
 
 def test_candidate_from_an_evaluation_result_prefers_the_compared_latency():
-    result = {"metrics": {"test": {"accuracy": 0.9}}, "size": {"total_bytes": 1000},
-              "behaviour": {"retention": 0.99, "agreement": 0.97},
+    result = {"metrics": {"test": {"accuracy": 0.9}, "validation": {"accuracy": 0.8}}, "size": {"total_bytes": 1000},
+              "behaviour": {"retention": 0.5, "agreement": 0.5},  # test figures: reported, not judged
+              "selection": {"split": "validation", "accuracy": 0.8, "retention": 0.99, "agreement": 0.97},
               "latency": {"batch_1": {"p50_ms": 9.0, "p95_ms": 10.0}}}
     compared = {"batch_1": {"p50_ms": 4.0, "p95_ms": 5.0}}
     c = candidate_from_result("m", result, {"version": "7"}, compared)
     assert (c.version, c.accuracy, c.retention, c.agreement, c.p50_ms, c.p95_ms, c.size_bytes, c.status) == \
-        ("7", 0.9, 0.99, 0.97, 4.0, 5.0, 1000, "ok")
+        ("7", 0.8, 0.99, 0.97, 4.0, 5.0, 1000, "ok")
+    assert c.test_accuracy == 0.9 and "val acc 0.8000" in describe(c) and "test acc 0.9000" in describe(c)
     assert candidate_from_result("m", None).status == "failed"
     collapsed = candidate_from_result("m", result, {"registered": False, "collapsed": True})
     assert collapsed.status == "collapsed" and collapsed.version is None
 
 
 def test_candidate_from_version_tags():
-    tags = {"metric.test.accuracy": "0.9", "metric.behaviour.retention": "0.99", "metric.behaviour.agreement": "0.95",
+    tags = {"metric.test.accuracy": "0.9", "metric.behaviour.retention": "0.5", "metric.behaviour.agreement": "0.5",
+            "metric.selection.accuracy": "0.85", "metric.selection.retention": "0.99",
+            "metric.selection.agreement": "0.95",
             "metric.latency.batch_1.p50_ms": "3.0", "metric.latency.batch_1.p95_ms": "4.0",
             "metric.size.total_bytes": "5000000.0"}
     c = candidate_from_tags("m", "4", tags)
-    assert (c.version, c.accuracy, c.p95_ms, c.size_bytes) == ("4", 0.9, 4.0, 5_000_000)
+    assert (c.version, c.accuracy, c.retention, c.test_accuracy, c.p95_ms, c.size_bytes) == \
+        ("4", 0.85, 0.99, 0.9, 4.0, 5_000_000)
     assert violations(c, RULE) == []
     assert candidate_from_tags("m", "4", {}).retention is None

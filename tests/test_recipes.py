@@ -174,7 +174,7 @@ def test_every_training_section_declares_the_training_knobs_once():
 
     assert set(TrainingKnobs.model_fields) == {"epochs", "learning_rate", "batch_size", "eval_batch_size", "weight_decay",
                                                "warmup_ratio", "gradient_accumulation_steps", "logging_steps",
-                                               "precision"}
+                                               "precision", "group_by_length"}
     for section in _training_sections():
         assert issubclass(section, TrainingKnobs), section
         for name, knob in TrainingKnobs.model_fields.items():

@@ -4,11 +4,12 @@ import math
 
 import pytest
 
-from bertshrink.selection.rules import collapse_reason, reported_accuracy
+from bertshrink.selection.rules import collapse_reason, reported_accuracy, selection_accuracy
 
 
-def result(accuracy):
-    return {"metrics": {"test": {"accuracy": accuracy}}}
+def result(accuracy, test=None):
+    """An evaluation result: validation accuracy ``accuracy``, test accuracy ``test`` (default the same)."""
+    return {"metrics": {"validation": {"accuracy": accuracy}, "test": {"accuracy": accuracy if test is None else test}}}
 
 
 def test_collapse_is_a_drop_beyond_the_allowed_one():
@@ -19,10 +20,19 @@ def test_collapse_is_a_drop_beyond_the_allowed_one():
     assert collapse_reason(result(0.86), result(0.97), max_drop=0.10) is not None  # 0.11 > 0.10
 
 
+def test_collapse_is_judged_on_validation_not_on_test():
+    # fine on validation, collapsed on test: registered (the test split only reports) ...
+    assert collapse_reason(result(0.95, test=0.40), result(0.97, test=0.97), max_drop=0.10) is None
+    # ... and the other way round: not registered, naming the validation split
+    reason = collapse_reason(result(0.40, test=0.95), result(0.97, test=0.97), max_drop=0.10)
+    assert reason.startswith("validation accuracy 0.4000 is 0.5700 below")
+
+
 def test_unscored_or_missing_accuracy():
-    assert collapse_reason(result(math.nan), result(0.97), 0.1) == "test accuracy is NaN"
+    assert collapse_reason(result(math.nan), result(0.97), 0.1) == "validation accuracy is NaN"
     assert collapse_reason({}, result(0.97), 0.1) is None
-    assert reported_accuracy({"metrics": {}}) is None and reported_accuracy(result(0.5)) == 0.5
+    assert reported_accuracy({"metrics": {}}) is None and reported_accuracy(result(0.5, test=0.4)) == 0.4
+    assert selection_accuracy(result(0.5, test=0.4)) == 0.5
 
 
 def test_register_stage_keeps_a_collapsed_candidate_unregistered(tmp_path, monkeypatch):
@@ -103,7 +113,7 @@ def test_promotion_skips_a_model_whose_metrics_measured_another_registered_model
     for name, registered_as in (("teacher", "f1"), ("small", "f0")):
         paths.metrics(name).parent.mkdir(parents=True, exist_ok=True)
         paths.metrics(name).write_text(json.dumps({"model_fingerprint": "f1", "metrics": {"test": {"accuracy": 0.9}},
-                                                   "behaviour": {"retention": 1.0, "agreement": 1.0}}))
+                                                   "selection": {"retention": 1.0, "agreement": 1.0}}))
         paths.registry_record(name).parent.mkdir(parents=True, exist_ok=True)
         paths.registry_record(name).write_text(json.dumps({"version": "1", "model_fingerprint": registered_as}))
     teacher, small = gather_candidates(paths, ["teacher", "small"])

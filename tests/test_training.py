@@ -243,3 +243,32 @@ def test_a_single_label_never_gets_a_regression_head(tmp_path, tiny_bert, prepar
     assert not (tmp_path / "teacher").exists()
     _, model = load_tokenizer_and_classifier(str(tiny_bert), ["a", "b"], 32)
     assert model.config.problem_type == "single_label_classification" and model.config.num_labels == 2
+
+
+def _padded_tokens(tiny_bert, tmp_path, group_by_length: bool) -> tuple[int, int]:
+    """Padded and real tokens of one epoch of the Trainer's batches over texts of 1 to 48 words."""
+    import pandas as pd
+    from transformers import Trainer
+
+    from bertshrink.training.finetune import build_trainer, tokenize_frame, training_arguments
+
+    tokenizer, model = load_tokenizer_and_classifier(str(tiny_bert), ["a", "b"], 64)
+    words = "goal match team coach league film actor money bank".split()
+    frame = pd.DataFrame({"text": [" ".join(words[i % 9] for i in range(n)) for n in range(1, 49)] * 2,
+                          "label": [0, 1] * 48})
+    encoded = {"train": tokenize_frame(frame, tokenizer, 64), "validation": tokenize_frame(frame[:4], tokenizer, 64)}
+    knobs = TrainingKnobs(batch_size=8, group_by_length=group_by_length)
+    args = training_arguments(knobs, tmp_path / str(group_by_length), 0, {}, "cpu")
+    padded = real = 0
+    for batch in build_trainer(Trainer, model, args, encoded, tokenizer).get_train_dataloader():
+        padded += batch["input_ids"].numel()
+        real += int(batch["attention_mask"].sum())
+    return padded, real
+
+
+def test_group_by_length_batches_pad_less(tmp_path, tiny_bert):
+    grouped, real = _padded_tokens(tiny_bert, tmp_path, group_by_length=True)
+    shuffled, same_real = _padded_tokens(tiny_bert, tmp_path, group_by_length=False)
+    assert real == same_real  # the same examples, once each
+    # lengths 3..50 tokens: random batches of 8 pad to near the maximum; sorted mega-batches hardly pad
+    assert grouped < 0.75 * shuffled

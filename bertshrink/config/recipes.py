@@ -188,6 +188,9 @@ class ExportOnnxStep(_Step):
 # Fewer rows than this give activation ranges that one odd sentence can decide.
 MIN_CALIBRATION_ROWS = 32
 EVALUATION_SPLITS = ("validation", "test")
+# The rule chooses on validation figures; the test split only reports (choosing on it overstates the choice).
+SELECTION_SPLIT = "validation"
+REPORTED_SPLIT = "test"
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 CALIBRATION_METHODS: tuple[str, ...] = get_args(CalibrationMethod)
 QuantFormat = Literal["qdq", "qoperator"]

@@ -109,13 +109,24 @@ def behaviour_report(texts: Sequence[str], labels: Sequence[int], predictions: S
         "by_class": accuracy_by_class(labels, predictions, label_names),
         "by_length": accuracy_by_length(texts, labels, predictions, length_bucket_edges(texts)),
     }
-    if teacher_predictions is not None:
-        report["agreement"] = agreement(predictions, teacher_predictions)
-        report["disagreements"] = int(np.sum(np.asarray(predictions) != np.asarray(teacher_predictions)))
-    if teacher_accuracy:
-        accuracy = float(np.mean(np.asarray(predictions, dtype=int) == np.asarray(labels, dtype=int)))
-        report["retention"] = accuracy / teacher_accuracy
+    report.update(fidelity(labels, predictions, teacher_predictions, teacher_accuracy))
+    report.pop("accuracy")
     return report
+
+
+def fidelity(labels: Sequence[int], predictions: Sequence[int], teacher_predictions: Sequence[int] | None = None,
+             teacher_accuracy: float | None = None) -> dict:
+    """Accuracy; agreement and disagreements with the teacher's predictions, and retention (accuracy /
+    the teacher's), when those are given."""
+    ours = np.asarray(predictions, dtype=int)
+    accuracy = float(np.mean(ours == np.asarray(labels, dtype=int))) if len(ours) else float("nan")
+    figures: dict = {"accuracy": accuracy}
+    if teacher_predictions is not None:
+        figures["agreement"] = agreement(predictions, teacher_predictions)
+        figures["disagreements"] = int(np.sum(ours != np.asarray(teacher_predictions, dtype=int)))
+    if teacher_accuracy:
+        figures["retention"] = accuracy / teacher_accuracy
+    return figures
 
 
 def spread(values: Sequence[float]) -> dict:

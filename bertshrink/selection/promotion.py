@@ -4,6 +4,9 @@ Pure functions over ``Candidate`` records (no MLflow here): the pipeline and the
 (``python -m flows.promote``) both decide through them, so a person and the pipeline apply the same
 checks. A model is eligible only if it was evaluated, did not collapse, is registered, and meets
 every constraint; the objective then picks one, with fixed tie-breaks so the choice is stable.
+
+Accuracy, retention and agreement are the validation split's: the test split only reports. A rule
+that chose on test figures would report them inflated by the choice itself.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Literal
 
 from bertshrink.config.knobs import PromotionConstraints
 from bertshrink.config.params import RegistryParams
+from bertshrink.selection.rules import reported_accuracy
 
 Objective = Literal["fastest", "smallest", "most_accurate"]
 OBJECTIVES: tuple[str, ...] = ("fastest", "smallest", "most_accurate")
@@ -30,13 +34,14 @@ class Candidate:
 
     name: str
     version: str | None = None        # registered model version; None = not registered
-    accuracy: float | None = None     # test accuracy
-    retention: float | None = None    # test accuracy / the teacher's
-    agreement: float | None = None    # share of test predictions equal to the teacher's
+    accuracy: float | None = None     # validation accuracy (what the rule judges)
+    retention: float | None = None    # validation accuracy / the teacher's
+    agreement: float | None = None    # share of validation predictions equal to the teacher's
     p50_ms: float | None = None       # batch-1 latency
     p95_ms: float | None = None
     size_bytes: int | None = None
     status: str = OK                  # ok | failed | collapsed
+    test_accuracy: float | None = None  # reported beside the choice, never used to make it
 
 
 # The rule's limits are declared once, in the config layer; the registry section composes them.
@@ -116,15 +121,16 @@ def _sort_key(candidate: Candidate, objective: str) -> tuple:
 
 
 def describe(candidate: Candidate) -> str:
-    """``name vN (acc 0.8498, retention 98.2%, agreement 93.1%, b1 forward p50 1.56 ms, p95 1.80 ms, 6.0 MB)``:
-    the latency the rule uses is the forward pass alone, not text to label."""
+    """``name vN (val acc 0.8498, val retention 98.2%, val agreement 93.1%, b1 forward p50 1.56 ms, p95 1.80 ms,
+    6.0 MB; test acc 0.8470)``: the rule's figures (validation; forward pass alone, not text to label), then
+    the reported test accuracy."""
     parts = []
     if not _missing(candidate.accuracy):
-        parts.append(f"acc {candidate.accuracy:.4f}")
+        parts.append(f"val acc {candidate.accuracy:.4f}")
     if not _missing(candidate.retention):
-        parts.append(f"retention {candidate.retention:.1%}")
+        parts.append(f"val retention {candidate.retention:.1%}")
     if not _missing(candidate.agreement):
-        parts.append(f"agreement {candidate.agreement:.1%}")
+        parts.append(f"val agreement {candidate.agreement:.1%}")
     if not _missing(candidate.p50_ms):
         parts.append(f"b1 forward p50 {candidate.p50_ms:.2f} ms")
     if not _missing(candidate.p95_ms):
@@ -132,7 +138,8 @@ def describe(candidate: Candidate) -> str:
     if candidate.size_bytes is not None:
         parts.append(f"{candidate.size_bytes / 1e6:.1f} MB")
     version = f" v{candidate.version}" if candidate.version else ""
-    return f"{candidate.name}{version} ({', '.join(parts)})"
+    reported = "" if _missing(candidate.test_accuracy) else f"; test acc {candidate.test_accuracy:.4f}"
+    return f"{candidate.name}{version} ({', '.join(parts)}{reported})"
 
 
 def choose(candidates: Sequence[Candidate], constraints: Constraints, objective: str) -> Choice:
@@ -215,13 +222,16 @@ def candidate_from_result(name: str, result: dict | None, record: dict | None = 
     """A ``Candidate`` from an evaluation result, its registration record and (optionally) compared latency.
 
     No result means the evaluation failed; a record with ``registered: false`` means it collapsed; a
-    record whose model fingerprint differs from the result's means the metrics are stale.
+    record whose model fingerprint differs from the result's means the metrics are stale. The rule's
+    figures come from the result's ``selection`` block (validation); a result without one (evaluated
+    before the rule moved off the test split) leaves them missing, so the model is not eligible until
+    it is evaluated again.
     """
     if not result:
         return Candidate(name, status="failed")
     latency = latency or result.get("latency") or {}
     b1 = latency.get("batch_1") or {}
-    behaviour = result.get("behaviour") or {}
+    selection = result.get("selection") or {}
     record = record or {}
     if record.get("model_fingerprint") not in (None, result.get("model_fingerprint")):
         # the registered version is not the model these metrics measured: promote on neither
@@ -229,10 +239,9 @@ def candidate_from_result(name: str, result: dict | None, record: dict | None = 
     status = "collapsed" if record.get("collapsed") else OK
     return Candidate(
         name=name, version=None if record.get("registered") is False else record.get("version"),
-        accuracy=((result.get("metrics") or {}).get("test") or {}).get("accuracy"),
-        retention=behaviour.get("retention"), agreement=behaviour.get("agreement"),
+        accuracy=selection.get("accuracy"), retention=selection.get("retention"), agreement=selection.get("agreement"),
         p50_ms=b1.get("p50_ms"), p95_ms=b1.get("p95_ms"), size_bytes=(result.get("size") or {}).get("total_bytes"),
-        status=status)
+        status=status, test_accuracy=reported_accuracy(result))
 
 
 def candidate_from_tags(name: str, version: str, tags: dict[str, str]) -> Candidate:
@@ -243,11 +252,12 @@ def candidate_from_tags(name: str, version: str, tags: dict[str, str]) -> Candid
         except (KeyError, ValueError):
             return None
     size = number("size.total_bytes")
-    return Candidate(name=name, version=str(version), accuracy=number("test.accuracy"),
-                     retention=number("behaviour.retention"), agreement=number("behaviour.agreement"),
+    return Candidate(name=name, version=str(version), accuracy=number("selection.accuracy"),
+                     retention=number("selection.retention"), agreement=number("selection.agreement"),
                      p50_ms=number("latency.batch_1.p50_ms"), p95_ms=number("latency.batch_1.p95_ms"),
                      size_bytes=None if size is None else int(size),
-                     status="collapsed" if tags.get("collapsed") == "true" else OK)
+                     status="collapsed" if tags.get("collapsed") == "true" else OK,
+                     test_accuracy=number("test.accuracy"))
 
 
 def constraints_of(registry: RegistryParams) -> Constraints:

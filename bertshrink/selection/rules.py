@@ -5,33 +5,41 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-ACCURACY_KEY = ("metrics", "test", "accuracy")
+from bertshrink.config.recipes import REPORTED_SPLIT, SELECTION_SPLIT
+
+
+def split_accuracy(result: Mapping[str, Any], split: str) -> float | None:
+    """The accuracy on ``split`` in an ``evaluate_model`` result, or None where it is missing."""
+    value = ((result.get("metrics") or {}).get(split) or {}).get("accuracy") if isinstance(result, Mapping) else None
+    return None if value is None else float(value)
 
 
 def reported_accuracy(result: Mapping[str, Any]) -> float | None:
-    """The test accuracy in an ``evaluate_model`` result, or None where it is missing."""
-    value: Any = result
-    for key in ACCURACY_KEY:
-        if not isinstance(value, Mapping) or key not in value:
-            return None
-        value = value[key]
-    return float(value)
+    """The test accuracy: what reports show, never what a rule chooses on."""
+    return split_accuracy(result, REPORTED_SPLIT)
+
+
+def selection_accuracy(result: Mapping[str, Any]) -> float | None:
+    """The validation accuracy: what the collapse guard and the promotion rule judge."""
+    return split_accuracy(result, SELECTION_SPLIT)
 
 
 def collapse_reason(candidate: Mapping[str, Any], teacher: Mapping[str, Any], max_drop: float) -> str | None:
-    """Why ``candidate`` counts as collapsed (test accuracy more than ``max_drop`` below the teacher's), or None.
+    """Why ``candidate`` counts as collapsed (validation accuracy more than ``max_drop`` below the
+    teacher's), or None.
 
     A collapsed model (typically a quantization gone wrong) is kept for inspection but must never
-    become a promotion candidate.
+    become a promotion candidate. Judged on the validation split, like promotion: the test split
+    only reports.
     """
-    ours, theirs = reported_accuracy(candidate), reported_accuracy(teacher)
+    ours, theirs = selection_accuracy(candidate), selection_accuracy(teacher)
     if ours is None or theirs is None:
         return None
     if ours != ours:  # NaN: nothing was scored
-        return "test accuracy is NaN"
+        return f"{SELECTION_SPLIT} accuracy is NaN"
     drop = theirs - ours
     if drop > max_drop:
-        return (f"test accuracy {ours:.4f} is {drop:.4f} below the teacher's {theirs:.4f} "
+        return (f"{SELECTION_SPLIT} accuracy {ours:.4f} is {drop:.4f} below the teacher's {theirs:.4f} "
                 f"(compress.max_accuracy_drop = {max_drop})")
     return None
 

@@ -185,6 +185,7 @@ def training_arguments(params: TrainingKnobs, work_dir: Path, seed: int, precisi
         num_train_epochs=params.epochs,
         per_device_train_batch_size=params.batch_size,
         per_device_eval_batch_size=params.eval_batch_size,
+        train_sampling_strategy="group_by_length" if params.group_by_length else "random",
         gradient_accumulation_steps=params.gradient_accumulation_steps,
         learning_rate=params.learning_rate,
         weight_decay=params.weight_decay,
