@@ -167,7 +167,6 @@ def test_the_guard_flags_a_comparison_timed_beside_busy_loops(two_models, busy_l
     assert_recorded(record, ["big", "small"], attempts=2)
     assert all(len(a["reasons"]) > 0 for a in record["batches"]["batch_8"]["attempts"])
     assert result.latency["small"]["batch_8"]["iterations"] == 24
-    print(record["reasons"], record["busy_cores_elsewhere"])
 
 
 def test_the_guard_records_its_figures_on_any_machine(two_models):
