@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from the repository root
 
 from bertshrink.config.artifacts import Artifacts, read_json  # noqa: E402
 from bertshrink.config.params import load_params  # noqa: E402
-from bertshrink.selection.report import PLOTS, check_targets, machine_line, noise_warning, markdown_table, report_rows  # noqa: E402
+from bertshrink.selection.report import PLOTS, check_targets, machine_line, markdown_table, noise_warning, report_rows  # noqa: E402
 from flows.report import report_names  # noqa: E402
 from tasks.report import load_results, registry_cell  # noqa: E402
 from tracking.runs import git_commit  # noqa: E402
