@@ -114,7 +114,9 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
         candidate_results, candidate_records, failed = evaluate_and_register_candidates(params, parent, compressed)
         results, registered = results + candidate_results, registered + candidate_records
         if len(results) > 1:
-            compare_flow(params, parent, [r["model_dir"] for r in results])
+            comparison = compare_flow(params, parent, [r["model_dir"] for r in results])
+            # on the parent too, where a reader of the pipeline's run looks first
+            set_tags(parent, {"comparison.noisy": str(comparison["noise"]["noisy"]).lower()})
         promotion = promote_flow(params, parent, failed)
         report = report_flow(params, parent)
         seconds = time.time() - started

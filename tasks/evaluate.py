@@ -17,6 +17,7 @@ from bertshrink.evaluation.behaviour import behaviour_report, disagreement_table
 from bertshrink.evaluation.latency import compare_latency, latency_texts, ratios
 from bertshrink.evaluation.machine import machine_info
 from bertshrink.evaluation.metrics import evaluate_model, flat_metrics
+from bertshrink.evaluation.noise import noise_note
 from bertshrink.modelfolder.meta import read_meta_or_default
 from bertshrink.modelfolder.size import content_fingerprint, size_on_disk
 from tracking.runs import log_artifact, log_metrics, log_params, set_tags
@@ -96,6 +97,16 @@ def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, paths: Artifac
     return result
 
 
+def log_noise(run_id: str, noise: dict) -> None:
+    """The noise guard's verdict on the run: tag ``comparison.noisy`` (+ the reasons) and its figures as metrics."""
+    set_tags(run_id, {"comparison.noisy": str(noise["noisy"]).lower(),
+                      "comparison.noise_reasons": "; ".join(noise["reasons"]) or "none"})
+    log_metrics(run_id, {"comparison.busy_cores_elsewhere": noise["busy_cores_elsewhere"],
+                         "comparison.max_ratio_spread": noise["max_ratio_spread"],
+                         "comparison.attempts": sum(noise["attempts"].values()),
+                         "comparison.noisy": float(noise["noisy"])})
+
+
 @task(name="compare-latency", cache_policy=NO_CACHE)
 def compare_latency_task(model_dirs: list[str], evaluate: EvaluateParams, paths: Artifacts, seed: int, run_id: str,
                          baseline: str | None = None) -> dict:
@@ -107,7 +118,11 @@ def compare_latency_task(model_dirs: list[str], evaluate: EvaluateParams, paths:
     """
     prepared = load_prepared(paths.prepared)
     dirs = {name_of(d): Path(d) for d in model_dirs}
-    latency = compare_latency(dirs, latency_texts(prepared.splits), evaluate, seed=seed)
+    comparison = compare_latency(dirs, latency_texts(prepared.splits), evaluate, seed=seed)
+    latency, noise = comparison.latency, comparison.noise
+    if noise["noisy"]:
+        print(f"bertshrink: note: {noise_note(noise)}. The figures are kept, marked noisy in {paths.comparison}, "
+              "MLflow and the report.", file=sys.stderr)
     sizes = {name: size_on_disk(d)["total_bytes"] for name, d in dirs.items()}
     reference = next(iter(dirs))
     references = [reference] + ([baseline] if baseline in dirs and baseline != reference else [])
@@ -116,12 +131,14 @@ def compare_latency_task(model_dirs: list[str], evaluate: EvaluateParams, paths:
               for name, lat in latency.items()}
     result = {"reference": reference, "baseline": baseline if baseline in dirs else None,
               "iterations": evaluate.timed_iterations, "models": models,
-              "method": "interleaved: each seeded batch is run by every model back to back, in rotating order",
-              "machine": machine_info(evaluate.threads), "data_content_hash": prepared.content_hash}
+              "method": "interleaved: each seeded batch is run by every model back to back, in rotating order; "
+                        "the timed batches are replayed in rounds (noise.batches.*.attempts[-1].rounds)",
+              "machine": machine_info(evaluate.threads), "data_content_hash": prepared.content_hash, "noise": noise}
     out = paths.comparison
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))  # insertion order: the reference first
     for name, entry in models.items():
         log_metrics(run_id, {f"{name}.{k}": v for k, v in flat_metrics(entry).items()})
+    log_noise(run_id, noise)
     log_artifact(run_id, out)
     return result

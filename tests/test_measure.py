@@ -21,7 +21,7 @@ from conftest import FILLER, TOPICS, build_tiny_bert, tiny_bert_model
 WORDS = sorted({w for ws in TOPICS.values() for w in ws} | set(FILLER))  # toy-corpus words: one token each
 NUM_LABELS = 3
 FAST = EvaluateParams(threads=1, batch_sizes=(1, 4), warmup_iterations=1, timed_iterations=5,
-                      max_length=16, eval_batch_size=8)
+                      max_length=16, eval_batch_size=8, noise_retries=0)  # calls counted exactly: no re-timing
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_compare_latency_interleaves_models_on_the_same_batches(tiny_model, spli
 
     params = FAST.model_copy(update={"timed_iterations": 4, "warmup_iterations": 1, "batch_sizes": (2,)})
     runners = {"fast": Recorded("fast"), "slow": Recorded("slow")}
-    result = latency.compare_latency({}, splits["test"]["text"].tolist(), params, runners=runners)
+    result = latency.compare_latency({}, splits["test"]["text"].tolist(), params, runners=runners).latency
 
     fast, slow = result["fast"]["batch_2"], result["slow"]["batch_2"]
     assert fast["iterations"] == slow["iterations"] == 4
@@ -243,7 +243,7 @@ def test_text_to_label_latency_includes_tokenization_and_forward_only_excludes_i
 
     params = FAST.model_copy(update={"timed_iterations": 4, "warmup_iterations": 1, "batch_sizes": (1,)})
     runners = {"slow-tokenizer": Runner(0.02, 0.0), "slow-forward": Runner(0.0, 0.02)}
-    result = latency.compare_latency({}, splits["test"]["text"].tolist(), params, runners=runners)
+    result = latency.compare_latency({}, splits["test"]["text"].tolist(), params, runners=runners).latency
     tokenizer, forward = result["slow-tokenizer"]["batch_1"], result["slow-forward"]["batch_1"]
     assert tokenizer["e2e_p50_ms"] >= tokenizer["p50_ms"] + 15  # the tokenizer's 20 ms: text -> label only
     assert forward["p50_ms"] >= 15 and forward["e2e_p50_ms"] >= forward["p50_ms"]

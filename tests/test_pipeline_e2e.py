@@ -222,6 +222,13 @@ def test_pipeline_compresses_evaluates_and_registers_recipes(workdir, tiny_bert,
     assert good.data.metrics["step0.parameters_after"] < good.data.metrics["step0.parameters_before"]
     assert good.data.params["step1.distill.temperature"] == "2.0"
     assert runs["compress:broken"].info.status == "FAILED"
+    # the noise guard's verdict: in comparison.json, on the compare run and the parent, and in the report
+    # (whichever it is: a shared test machine is not calm)
+    noisy = comparison["noise"]["noisy"]
+    assert noisy is bool(comparison["noise"]["reasons"]) and set(comparison["noise"]["attempts"]) == {"batch_1", "batch_8"}
+    assert runs["compare"].data.tags["comparison.noisy"] == runs["pipeline"].data.tags["comparison.noisy"] == str(noisy).lower()
+    assert "comparison.busy_cores_elsewhere" in runs["compare"].data.metrics
+    assert ("timed on a busy machine" in markdown) is noisy
 
     # registered: each recipe under its alias; the head-pruned one as a pyfunc model that serves
     version = client.get_model_version_by_alias("tiny-teacher", "drop-distill")

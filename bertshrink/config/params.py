@@ -122,6 +122,16 @@ class EvaluateParams(_Section):
     # Repeat each recipe with this many seeds (base.seed, +1, ...) and report accuracy mean and spread;
     # 1 = no repeats. Costs (seeds - 1) extra compressions per recipe.
     seeds: int = Field(1, ge=1, le=20)
+    # Noise guard of the interleaved comparison (bertshrink/evaluation/noise.py). It draws
+    # timed_iterations / rounds batches and times them once per round (at least 3 per round; 1 = no
+    # rounds); a speed ratio that moves between rounds by more than ratio_tolerance ((max-min)/median),
+    # other processes' load beyond load_tolerance_cores, or a p95 above max_tail_ratio x p50 (null = no
+    # check) mark the timing noisy; it is then timed again up to noise_retries times, and marked if still noisy.
+    rounds: int = Field(4, ge=1, le=1000)
+    ratio_tolerance: float = Field(0.15, gt=0.0, le=10.0)
+    load_tolerance_cores: float = Field(0.25, ge=0.0, le=256.0)
+    max_tail_ratio: float | None = Field(5.0, gt=1.0)
+    noise_retries: int = Field(2, ge=0, le=10)
 
     @model_validator(mode="after")
     def _batch_sizes_positive(self) -> "EvaluateParams":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 
 from bertshrink.config.params import EvaluateParams
 from bertshrink.config.recipes import EVALUATION_SPLITS
+from bertshrink.evaluation.noise import load_window, noise_reasons, noise_summary, round_ratios, rounds_for, spread
 from bertshrink.modelfolder.runners import open_model
 
 @contextlib.contextmanager
@@ -118,14 +120,72 @@ def measure_latency(runner, tokenizer, texts: Sequence[str], batch_size: int,
     return latency_summary(times_ms, seq_lens, batch_size, e2e_ms)
 
 
+@dataclass(frozen=True)
+class LatencyComparison:
+    """``latency``: ``{name: {"batch_<b>": summary}}``; ``noise``: the guard's record (``noise.noise_summary``)."""
+
+    latency: dict[str, dict]
+    noise: dict
+
+
+def _batches(rng: np.random.Generator, texts: Sequence[str], batch_size: int, params: EvaluateParams,
+             rounds: int) -> list[list[str]]:
+    """Warm-up batches, then the timed ones: with rounds, the same ``timed_iterations / rounds`` batches
+    replayed round after round, so rounds differ by the machine's state, not by their texts."""
+    warmup = [_draw(rng, texts, batch_size) for _ in range(params.warmup_iterations)]
+    distinct = -(-params.timed_iterations // rounds)
+    pool = [_draw(rng, texts, batch_size) for _ in range(distinct)]
+    return warmup + (pool * rounds)[:params.timed_iterations]
+
+
+def _time_interleaved(runners: Mapping[str, Any], batches: Sequence[list[str]], params: EvaluateParams) -> tuple[dict, dict, dict, dict]:
+    """Forward ms, sequence lengths and text -> label ms per model for the timed batches (after the
+    warm-up), each batch run by every model back to back in an order rotating per batch; and the
+    machine's load over the timed part (``noise.load_window``)."""
+    names = list(runners)
+    times, lens, e2e = ({name: [] for name in names} for _ in range(3))
+    load: dict = {}
+    with contextlib.ExitStack() as stack:
+        for i, batch in enumerate(batches):
+            if i == params.warmup_iterations:
+                load = stack.enter_context(load_window())
+            for k in range(len(names)):
+                name = names[(i + k) % len(names)]
+                runner = runners[name]
+                forward, text_to_label, seq_len = _time_once(runner, runner.tokenizer, batch, params.max_length)
+                if i >= params.warmup_iterations:
+                    times[name].append(forward)
+                    lens[name].append(seq_len)
+                    e2e[name].append(text_to_label)
+    return times, lens, e2e, load
+
+
+def _noise_of_attempt(times: Mapping[str, Sequence[float]], summaries: Mapping[str, dict], load: dict,
+                      params: EvaluateParams, rounds: int) -> dict:
+    """The load, the ratio spreads over rounds and the reasons (if any) this attempt is noisy."""
+    reference = next(iter(times))
+    per_round = params.timed_iterations // rounds
+    by_round = round_ratios(times, reference, rounds, per_round) if rounds > 1 else {}
+    spreads = {name: spread(values) for name, values in by_round.items()}
+    tails = {name: (s["p50_ms"], s["p95_ms"]) for name, s in summaries.items()}
+    reasons = noise_reasons(load["busy_cores_elsewhere"], params.threads, load["usable_cores"], spreads, tails,
+                            params.load_tolerance_cores, params.ratio_tolerance, params.max_tail_ratio, reference)
+    return {**load, "reference": reference, "rounds": rounds, "ratios_by_round": by_round,
+            "ratio_spread": spreads, "reasons": reasons}
+
+
 def compare_latency(model_dirs: Mapping[str, Path], texts: Sequence[str], params: EvaluateParams,
-                    seed: int = 0, runners: Mapping[str, Any] | None = None) -> dict[str, dict]:
-    """Latency of several models measured interleaved, batch by batch, so they share the machine's state.
+                    seed: int = 0, runners: Mapping[str, Any] | None = None) -> LatencyComparison:
+    """Latency of several models measured interleaved, batch by batch, so they share the machine's state,
+    with the noise guard's verdict on how calm the machine was.
 
     On a shared machine the speed drifts by tens of percent over seconds to minutes; models timed
     one after another absorb that drift into their ratios. Here every drawn batch is run by every
-    model, back to back, in an order that rotates with each batch. Returns
-    ``{name: {"batch_<b>": summary}}``. ``runners`` (name -> runner) skips loading, for tests.
+    model, back to back, in an order that rotates with each batch. The first model is the
+    reference of the ratios the guard follows over rounds. A batch size whose timing is noisy
+    (``noise.noise_reasons``) is timed again, up to ``params.noise_retries`` times; the last
+    attempt's figures are kept, and marked noisy if it still was. ``runners`` (name -> runner)
+    skips loading, for tests.
     """
     runners = dict(runners) if runners is not None else {
         name: open_model(Path(d), params.threads) for name, d in model_dirs.items()}
@@ -133,26 +193,23 @@ def compare_latency(model_dirs: Mapping[str, Path], texts: Sequence[str], params
     texts = list(texts)
     if not texts:
         raise ValueError("no texts to measure latency on")
+    rounds = rounds_for(params.timed_iterations, params.rounds)
     results: dict[str, dict] = {name: {} for name in names}
+    batches_noise: dict[str, dict] = {}
     with fixed_threads(params.threads):
         for batch_size in params.batch_sizes:
-            rng = np.random.default_rng(seed)
-            times = {name: [] for name in names}
-            lens = {name: [] for name in names}
-            e2e = {name: [] for name in names}
-            for i in range(params.warmup_iterations + params.timed_iterations):
-                batch = _draw(rng, texts, batch_size)
-                for k in range(len(names)):
-                    name = names[(i + k) % len(names)]
-                    runner = runners[name]
-                    forward, text_to_label, seq_len = _time_once(runner, runner.tokenizer, batch, params.max_length)
-                    if i >= params.warmup_iterations:
-                        times[name].append(forward)
-                        lens[name].append(seq_len)
-                        e2e[name].append(text_to_label)
+            key, attempts = f"batch_{batch_size}", []
+            for _ in range(params.noise_retries + 1):
+                batches = _batches(np.random.default_rng(seed), texts, batch_size, params, rounds)
+                times, lens, e2e, load = _time_interleaved(runners, batches, params)
+                summaries = {name: latency_summary(times[name], lens[name], batch_size, e2e[name]) for name in names}
+                attempts.append(_noise_of_attempt(times, summaries, load, params, rounds))
+                if not attempts[-1]["reasons"]:
+                    break
             for name in names:
-                results[name][f"batch_{batch_size}"] = latency_summary(times[name], lens[name], batch_size, e2e[name])
-    return results
+                results[name][key] = summaries[name]
+            batches_noise[key] = {"attempts": attempts}
+    return LatencyComparison(results, noise_summary(batches_noise, params.threads))
 
 
 def latency_texts(splits: Mapping[str, pd.DataFrame], eval_splits: Sequence[str] = EVALUATION_SPLITS) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bertshrink.evaluation.machine import cpu_features
+from bertshrink.evaluation.noise import noise_note
 
 TEACHER, FLOOR = "teacher", "floor"
 PLOTS = {  # file stem -> (row key of the x axis, axis label, log scale)
@@ -311,6 +312,15 @@ def machine_line(results: list[dict], comparison: dict | None) -> str:
             f"threads, torch {machine.get('torch', '?')}, onnxruntime {machine.get('onnxruntime', '?')}.")
 
 
+def noise_warning(comparison: Mapping[str, Any] | None) -> str:
+    """A warning line for a comparison its noise guard marked noisy; empty when clean or not guarded."""
+    noise = (comparison or {}).get("noise") or {}
+    if not noise.get("noisy"):
+        return ""
+    return (f"> **Warning: {noise_note(noise)}.** The latencies and speed ratios below are kept but not clean "
+            "(`noise` in `metrics/comparison.json`).")
+
+
 def promotion_lines(promotion: dict | None) -> list[str]:
     if not promotion:
         return []
@@ -332,7 +342,8 @@ def report_markdown(rows: list[dict], title: str, comparison: dict | None, promo
                     machine: str, baseline: str | None) -> str:
     how = ("Latencies: one interleaved comparison (every batch run by every model back to back), "
            if comparison else "Latencies: each model's own evaluation, ")
-    lines = [f"# {title}", "", markdown_table(rows), "",
+    warning = noise_warning(comparison)
+    lines = [f"# {title}", "", *([warning, ""] if warning else []), markdown_table(rows), "",
              how + "forward pass only (tokenization excluded), except the floor, whose time includes its TF-IDF "
              "featurisation; *text→label* is the same batch from text in to label out (tokenization, forward, "
              "argmax): what a service pays. Speed ratios, the plots and the promotion rule (`fastest`, `max_p95_ms`) "
