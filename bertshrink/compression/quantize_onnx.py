@@ -78,6 +78,18 @@ def _quiet_ort_quantizer():
         logging.getLogger().removeFilter(noise)
 
 
+@contextlib.contextmanager
+def _logger_at_warning(name: str):
+    """The MatMulNBits quantizer logs a line per node at INFO (and every excluded node): too much for a run log."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _require_onnx_folder(onnx_dir: Path) -> Path:
     path = Path(onnx_dir) / ONNX_FILE
     if not path.is_file():
@@ -399,7 +411,8 @@ def quantize_int4_onnx(onnx_dir: Path, out_dir: Path, *, block_size: int = 32,
             quantizer = MatMulNBitsQuantizer(onnx.load(str(work)), bits=4, block_size=block_size,
                                              is_symmetric=False, op_types_to_quantize=("MatMul",),
                                              nodes_to_exclude=excluded)
-            quantizer.process()
+            with _logger_at_warning(MatMulNBitsQuantizer.__module__):
+                quantizer.process()
             quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
         except Exception as err:  # noqa: BLE001
             raise QuantizationError(
