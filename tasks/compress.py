@@ -48,7 +48,8 @@ def compress_recipe(name: str, recipe: Recipe, paths: Artifacts, seed: int, run_
 
 
 def log_step_reports(run_id: str, name: str, records, paths: Artifacts) -> None:
-    """Export parity and fusions, quantization and calibration provenance: as MLflow params/metrics + a JSON artifact."""
+    """Export parity and fusions, per-layer precisions, quantization and calibration provenance: as MLflow
+    params/metrics/tags + a JSON artifact (which also has the sensitivity rows' ids)."""
     for r in records:
         details = r.details or {}
         parity = details.get("parity") or {}
@@ -56,6 +57,11 @@ def log_step_reports(run_id: str, name: str, records, paths: Artifacts) -> None:
                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
         if "fusions" in details:
             set_tags(run_id, {f"step{r.index}.fusions": json.dumps(details["fusions"], sort_keys=True)})
+        mixed = details.get("mixed_precision")
+        if mixed:
+            log_metrics(run_id, {f"step{r.index}.average_bits": mixed["average_bits"]})
+            set_tags(run_id, {f"step{r.index}.precisions": json.dumps(mixed["precisions"]),
+                              f"step{r.index}.sensitivity": json.dumps(mixed.get("sensitivity"))})
         calibration = details.get("calibration")
         if calibration:
             log_params(run_id, {f"calibration.{k}": calibration.get(k) for k in ("split", "rows", "seed", "sha256", "method")})

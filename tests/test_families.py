@@ -43,6 +43,7 @@ STEP_RECIPES = {
     "export_onnx": [{"export_onnx": {"parity_rows": 16}}],
     "onnx_int8": [{"export_onnx": {"parity_rows": 16}}, {"quantize": {"mode": "dynamic"}}],
     "onnx_int4": [{"export_onnx": {"parity_rows": 16}}, {"quantize": {"mode": "int4", "block_size": 16}}],
+    "onnx_mixed": [{"export_onnx": {"parity_rows": 16}}, {"mixed_precision": {"bits": 20, "rows": 16}}],
     "torchao_int8": [{"quantize": {"backend": "torch", "mode": "int8_dynamic"}}],
 }
 MODEL_TYPES = list(FAMILY_MODELS)
@@ -177,6 +178,10 @@ def _check_effect(model_type: str, cell: str, first, candidate) -> None:
         assert (first.parameters_after < first.parameters_before) == shrinks
     if cell == "magnitude":
         assert 0.49 < first.details["measured_sparsity"] < 0.51
+    if cell == "onnx_mixed":  # two equal layers, 20 bits: one fp32 (8 + 24 / 2), the more sensitive one
+        mixed = read_meta(candidate.model_dir).quantization["mixed_precision"]
+        assert sorted(mixed["precisions"]) == ["fp32", "int8"] and mixed["average_bits"] == 20.0
+        assert mixed["kept_layers"] == [int(max(range(2), key=lambda i: mixed["sensitivity"][i]))]
     if cell == "torchao_int8":
         assert first.details["quantized_linear_count"] == ENCODER_LINEARS.get(model_type, 12)
 

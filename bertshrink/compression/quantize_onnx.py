@@ -78,6 +78,18 @@ def _quiet_ort_quantizer():
         logging.getLogger().removeFilter(noise)
 
 
+@contextlib.contextmanager
+def _logger_at_warning(name: str):
+    """The MatMulNBits quantizer logs a line per node at INFO (and every excluded node): too much for a run log."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _require_onnx_folder(onnx_dir: Path) -> Path:
     path = Path(onnx_dir) / ONNX_FILE
     if not path.is_file():
@@ -372,11 +384,13 @@ def _remove_augmented_leftovers(folder: Path) -> None:
 # --------------------------------------------------------------------------- int4 weights
 
 
-def quantize_int4_onnx(onnx_dir: Path, out_dir: Path, *, block_size: int = 32) -> dict:
+def quantize_int4_onnx(onnx_dir: Path, out_dir: Path, *, block_size: int = 32,
+                       keep_nodes: Sequence[str] = ()) -> dict:
     """4-bit block-wise, weight-only quantization of MatMul weights (``MatMulNBits``, CPU).
 
     Each block of ``block_size`` input rows gets its own scale and zero point; activations
-    stay fp32. Embedding tables stay fp32. Returns the ``quantization`` meta entry.
+    stay fp32. Embedding tables stay fp32, and so do the nodes named in ``keep_nodes``.
+    Returns the ``quantization`` meta entry.
     """
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -392,16 +406,20 @@ def quantize_int4_onnx(onnx_dir: Path, out_dir: Path, *, block_size: int = 32) -
     start = time.perf_counter()
     def fill(tmp: Path) -> ModelMeta:
         target = tmp / ONNX_FILE
+        work, excluded = _working_copy(source, tmp, keep_nodes, ())
         try:
-            quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=block_size,
-                                             is_symmetric=False, op_types_to_quantize=("MatMul",))
-            quantizer.process()
+            quantizer = MatMulNBitsQuantizer(onnx.load(str(work)), bits=4, block_size=block_size,
+                                             is_symmetric=False, op_types_to_quantize=("MatMul",),
+                                             nodes_to_exclude=excluded)
+            with _logger_at_warning(MatMulNBitsQuantizer.__module__):
+                quantizer.process()
             quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
         except Exception as err:  # noqa: BLE001
             raise QuantizationError(
                 f"4-bit quantization of {source} failed ({type(err).__name__}: {err}). "
                 "Use dynamic int8 quantization instead."
             ) from err
+        work.unlink()
         replaced = op_counts(onnx.load(str(target), load_external_data=False), top=None).get("MatMulNBits", 0)
         if not replaced:
             raise QuantizationError(f"4-bit quantization of {source} replaced no MatMul (no constant "
@@ -409,6 +427,6 @@ def quantize_int4_onnx(onnx_dir: Path, out_dir: Path, *, block_size: int = 32) -
         _smoke_test(target)
         return _finished_meta(tmp, onnx_dir, _entry(
             "weight_only", source, target, start, bits=4, block_size=block_size, symmetric=False,
-            matmulnbits_nodes=replaced))
+            matmulnbits_nodes=replaced, keep_fp32_nodes=list(keep_nodes)))
 
     return _write(out_dir, fill)

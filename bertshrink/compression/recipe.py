@@ -16,14 +16,16 @@ from typing import Any, Callable
 import torch
 
 from bertshrink.compression import quantize_onnx
+from bertshrink.compression.mixed_precision import Int8Options, mixed_precision
 from bertshrink.compression.onnx_export import export_onnx
 from bertshrink.compression.prune import (drop_layers, factorize_embeddings, head_importance, magnitude_prune,
                                           prune_ffn, prune_heads, prune_vocab, select_heads)
 from bertshrink.compression.quantize_torch import quantize_torch
-from bertshrink.config.recipes import (DistillStep, DropLayersStep, ExportOnnxStep, FactorizeEmbeddingsStep, FinetuneStep,
-                                       MagnitudeStep, PruneFfnStep, PruneHeadsStep, PruneVocabStep, QatStep,
-                                       QuantizeStep, QuantNoiseStep, Recipe)
-from bertshrink.data.calibration import select_calibration
+from bertshrink.config.recipes import (MIN_SENSITIVITY_ROWS, DistillStep, DropLayersStep, ExportOnnxStep,
+                                       FactorizeEmbeddingsStep, FinetuneStep, MagnitudeStep, MixedPrecisionStep,
+                                       PruneFfnStep, PruneHeadsStep, PruneVocabStep, QatStep, QuantizeStep,
+                                       QuantNoiseStep, Recipe)
+from bertshrink.data.calibration import select_calibration, select_rows
 from bertshrink.data.prepare import PreparedData
 from bertshrink.modelfolder.files import recover_leftovers, replace_dir
 from bertshrink.modelfolder.load import load_folder
@@ -210,11 +212,33 @@ def _quantize_static(step: QuantizeStep, current: Path, out: Path, ctx: RecipeCo
     return {**report, "calibration": provenance}
 
 
+def _mixed_precision(step: MixedPrecisionStep, current: Path, out: Path, ctx: RecipeContext) -> dict:
+    """Per-layer precision; sensitivity rows are a seeded sample of train (or validation), never of test."""
+    rows, provenance = select_rows(ctx.prepared.splits, step.split, step.rows, ctx.seed,
+                                   min_rows=MIN_SENSITIVITY_ROWS, eval_splits=("test",))
+    calibration, calibration_texts = None, ()
+    if step.int8 == "static":
+        calibration_texts, calibration = select_calibration(ctx.prepared.splits, step.calibration.split,
+                                                            step.calibration.rows, ctx.seed)
+        calibration["method"] = step.calibration.method
+    options = Int8Options(mode=step.int8, per_channel=step.per_channel, include_embeddings=step.include_embeddings,
+                          block_size=step.block_size, calibration_texts=tuple(calibration_texts),
+                          calibration_method=step.calibration.method, max_length=ctx.max_length)
+    report = mixed_precision(current, out, low=step.low_precision, bits=step.bits, method=step.sensitivity,
+                             texts=rows["text"].astype(str).tolist(), labels=rows["label"].to_numpy(),
+                             rows_provenance=provenance, options=options, keep_layers=step.keep_layers,
+                             threads=torch.get_num_threads())
+    if calibration:
+        update_meta(out, calibration=calibration)
+        return {"mixed_precision": report, "calibration": calibration}
+    return {"mixed_precision": report}
+
+
 STEP_RUNNERS: dict[type, Callable[..., dict]] = {
     DropLayersStep: _drop_layers, PruneHeadsStep: _prune_heads, PruneFfnStep: _prune_ffn, PruneVocabStep: _prune_vocab,
     FactorizeEmbeddingsStep: _factorize_embeddings, MagnitudeStep: _magnitude, DistillStep: _distill,
     FinetuneStep: _finetune, QatStep: _train_quantization_aware, QuantNoiseStep: _train_quantization_aware,
-    ExportOnnxStep: _export_onnx, QuantizeStep: _quantize,
+    ExportOnnxStep: _export_onnx, QuantizeStep: _quantize, MixedPrecisionStep: _mixed_precision,
 }
 
 

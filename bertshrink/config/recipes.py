@@ -249,8 +249,65 @@ class QuantizeStep(_Step):
         return self.backend == ORT_BACKEND
 
 
+# Bits of a weight stored at each precision (int4's block scales are not counted).
+PRECISION_BITS = {"fp32": 32, "int8": 8, "int4": 4}
+# The precision a layer keeps when it is too sensitive for the low one.
+HIGHER_PRECISION = {"int8": "fp32", "int4": "int8"}
+SensitivityMethod = Literal["kl", "agreement", "accuracy"]
+SENSITIVITY_METHODS: tuple[str, ...] = get_args(SensitivityMethod)
+MIN_SENSITIVITY_ROWS = 16
+
+
+class MixedPrecisionStep(_Step):
+    """Per-layer mixed precision (Q-BERT) after export_onnx: each encoder layer alone is quantized to the
+    low precision and its harm to the fp32 model's predictions measured on ``rows`` seeded rows of
+    ``split``; the most sensitive layers stay at the higher precision (fp32 above int8, int8 above
+    int4) while the average bits per encoder weight stay <= ``bits``. ``keep_layers`` names the
+    high-precision layers instead (no measurement, no budget)."""
+
+    kind: Literal["mixed_precision"] = "mixed_precision"
+    bits: float = Field(16.0, ge=4.0, le=32.0)
+    # auto: int4 (with int8 kept layers) when bits < 8, else int8 (with fp32 kept layers).
+    low: Literal["auto", "int8", "int4"] = "auto"
+    sensitivity: SensitivityMethod = "kl"
+    rows: int = Field(128, ge=MIN_SENSITIVITY_ROWS, le=100_000)
+    split: Literal["train", "validation"] = "train"  # never the reported test split
+    keep_layers: tuple[int, ...] | None = None
+    int8: Literal["dynamic", "static"] = "dynamic"
+    calibration: Calibration = Calibration()  # int8: static only
+    per_channel: bool = True
+    include_embeddings: bool = True
+    block_size: int = Field(32, ge=16, le=4096)  # int4 weight blocks
+
+    @model_validator(mode="after")
+    def _budget_fits_the_precisions(self) -> "MixedPrecisionStep":
+        low, high = self.low_precision, self.high_precision
+        if self.keep_layers is not None:
+            if "bits" in self.model_fields_set:
+                raise ValueError("give bits (a budget the step meets) or keep_layers (the layers kept at "
+                                 f"{high}), not both")
+            if min(self.keep_layers, default=0) < 0 or len(set(self.keep_layers)) != len(self.keep_layers):
+                raise ValueError(f"keep_layers must be distinct layer indices >= 0 (got {list(self.keep_layers)})")
+        elif not PRECISION_BITS[low] <= self.bits <= PRECISION_BITS[high]:
+            raise ValueError(f"bits {self.bits:g} is outside {PRECISION_BITS[low]}..{PRECISION_BITS[high]}, what "
+                             f"low: {low} layers (with {high} kept layers) can average; use bits in that range "
+                             "or low: auto")
+        return self
+
+    @property
+    def low_precision(self) -> str:
+        if self.low != "auto":
+            return self.low
+        return "int4" if self.bits < PRECISION_BITS["int8"] else "int8"
+
+    @property
+    def high_precision(self) -> str:
+        return HIGHER_PRECISION[self.low_precision]
+
+
 STEP_TYPES = (DistillStep, FinetuneStep, DropLayersStep, PruneHeadsStep, PruneFfnStep, PruneVocabStep,
-              FactorizeEmbeddingsStep, MagnitudeStep, QatStep, QuantNoiseStep, ExportOnnxStep, QuantizeStep)
+              FactorizeEmbeddingsStep, MagnitudeStep, QatStep, QuantNoiseStep, ExportOnnxStep, QuantizeStep,
+              MixedPrecisionStep)
 STEP_NAMES = tuple(t.model_fields["kind"].default for t in STEP_TYPES)
 Step = Annotated[Union[STEP_TYPES], Field(discriminator="kind")]  # noqa: UP007
 
@@ -326,15 +383,23 @@ def _onnx_steps_last(steps) -> None:
                              "move it before export_onnx")
         if step.kind == "quantize" and step.onnx and index < exported_at:
             raise ValueError(f"step {index} (quantize, backend onnxruntime) needs an ONNX model: put export_onnx before it")
+        if step.kind == "mixed_precision" and index < exported_at:
+            raise ValueError(f"step {index} (mixed_precision) quantizes an ONNX model: put export_onnx before it")
+
+
+QUANTIZATION_STEPS = ("quantize", "mixed_precision")
 
 
 def _quantization_last(steps) -> None:
     """A quantized model is not trained or pruned further, and is quantized once."""
-    quantize_at = [i for i, step in enumerate(steps) if step.kind == "quantize"]
+    quantize_at = [i for i, step in enumerate(steps) if step.kind in QUANTIZATION_STEPS]
     if len(quantize_at) > 1:
-        raise ValueError("quantize appears twice; a recipe quantizes once")
+        kinds = sorted({steps[i].kind for i in quantize_at})
+        what = f"{kinds[0]} appears twice" if len(kinds) == 1 else f"{' and '.join(kinds)} both quantize"
+        raise ValueError(f"{what}; a recipe quantizes once")
     if quantize_at and quantize_at[0] != len(steps) - 1:
-        raise ValueError(f"quantize must be the last step (found {steps[quantize_at[0] + 1].kind} after it)")
+        raise ValueError(f"{steps[quantize_at[0]].kind} must be the last step "
+                         f"(found {steps[quantize_at[0] + 1].kind} after it)")
 
 
 def _factorization_once(steps) -> None:
@@ -402,6 +467,11 @@ def check_against_teacher(recipes: CompressParams, num_layers: int, num_heads: i
             elif isinstance(step, FactorizeEmbeddingsStep) and hidden_size and step.rank >= hidden_size:
                 problems.append(f"{where}: rank {step.rank} >= embedding width {hidden_size} saves nothing; "
                                 f"use a rank below {hidden_size} (ALBERT uses 128 for 768)")
+            elif isinstance(step, MixedPrecisionStep) and step.keep_layers:
+                bad = [l for l in step.keep_layers if l >= layers]
+                if bad:
+                    problems.append(f"{where}: keep_layers {bad} outside 0..{layers - 1} (the model has {layers} "
+                                    "layers at this step)")
             elif isinstance(step, DistillStep):
                 if step.student_layers is not None and step.student_layers > layers:
                     problems.append(f"{where}: student_layers {step.student_layers} > the {layers} layers available")

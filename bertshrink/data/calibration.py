@@ -78,6 +78,14 @@ def select_calibration(splits: dict[str, pd.DataFrame], split: str, rows: int, s
     texts that also appear (after ``normalize_text``) in an evaluation split.
     Provenance: ``{split, rows, seed, row_ids, sha256}``; row ids are the frame's index values.
     """
+    chosen, provenance = select_rows(splits, split, rows, seed, min_rows=min_rows, eval_splits=eval_splits)
+    return chosen["text"].astype(str).tolist(), provenance
+
+
+def select_rows(splits: dict[str, pd.DataFrame], split: str, rows: int, seed: int, *,
+                min_rows: int = MIN_CALIBRATION_ROWS,
+                eval_splits: Sequence[str] = EVALUATION_SPLITS) -> tuple[pd.DataFrame, dict]:
+    """``select_calibration``'s rows as a frame (texts with their labels) and their provenance."""
     _check_split(splits, split, eval_splits)
     frame = splits[split]
     n = _check_rows(split, len(frame), int(rows), min_rows)
@@ -91,8 +99,8 @@ def select_calibration(splits: dict[str, pd.DataFrame], split: str, rows: int, s
             "stage with deduplication across splits, or calibrate on another split."
         )
     row_ids = [_plain(i) for i in chosen.index]
-    return texts, {"split": split, "rows": n, "seed": int(seed), "row_ids": row_ids,
-                   "sha256": calibration_hash(row_ids, texts)}
+    return chosen, {"split": split, "rows": n, "seed": int(seed), "row_ids": row_ids,
+                    "sha256": calibration_hash(row_ids, texts)}
 
 
 def _plain(value):

@@ -96,7 +96,9 @@ FAMILIES: tuple[Family, ...] = (
            ffn_in="ffn.lin1", ffn_out="ffn.lin2", ffn_width_key="hidden_dim", head_prefixes=("pre_classifier", "classifier")),
     Family("ALBERT", ("albert",), "albert-base-v2", layers="encoder.albert_layer_groups.*.albert_layers",
            attention="attention", head_rows=("attention.query", "attention.key", "attention.value"),
-           attention_output="attention.dense", ffn_in="ffn", ffn_out="ffn_output", shared_layers=True),
+           attention_output="attention.dense", ffn_in="ffn", ffn_out="ffn_output", shared_layers=True,
+           refused=MappingProxyType({"mixed_precision": "every layer runs the same shared weights, so there is "
+                                                        "no per-layer precision to choose; use quantize"})),
     Family("DeBERTa-v2/v3", ("deberta-v2",), "microsoft/deberta-v3-base", layers="encoder.layer",
            attention="attention.self",
            head_rows=("attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj"),
