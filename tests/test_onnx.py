@@ -218,6 +218,29 @@ def test_open_model_picks_onnx_runtime_for_onnx_folders(source, dynamic):
     assert 0.8 * torch_params < runner.num_parameters() <= torch_params
 
 
+def test_small_inputs_run_on_one_thread_and_large_ones_on_the_budget(exported):
+    from bertshrink.modelfolder.onnx_session import SMALL_INPUT_TOKENS
+
+    runner = open_model(exported[0], threads=2)
+    threads = {"small": runner.session.small, "large": runner.session.large}
+    threads = {k: s.get_session_options().intra_op_num_threads for k, s in threads.items()}
+    assert threads == {"small": 1, "large": 2}
+
+    def feed(batch, length):
+        ids = np.ones((batch, length), dtype=np.int64)
+        return {"input_ids": ids, "attention_mask": ids, "token_type_ids": 0 * ids}
+
+    assert runner.session.session_for(feed(1, SMALL_INPUT_TOKENS)) is runner.session.small
+    assert runner.session.session_for(feed(2, SMALL_INPUT_TOKENS)) is runner.session.large
+    # both sessions compute the same logits
+    batch = texts(4)[:1]
+    encoded = runner.tokenizer(batch, return_tensors="np")
+    feed1 = {n: encoded[n].astype(np.int64) for n in runner.input_names}
+    np.testing.assert_allclose(runner.session.small.run(None, feed1)[0], runner.session.large.run(None, feed1)[0],
+                               atol=1e-5)
+    assert open_model(exported[0], threads=1).session.small is None  # one thread: one session
+
+
 def test_quantizing_a_torch_folder_asks_for_export_first(source, tmp_path):
     with pytest.raises(MissingArtifactError, match="Run export_onnx first"):
         quantize_dynamic_onnx(source, tmp_path / "q")

@@ -25,6 +25,40 @@ def make_session(onnx_path: Path, threads: int):
                                 providers=["CPUExecutionProvider"])
 
 
+# Inputs of at most this many tokens (batch x sequence) run on a one-thread session. Without spinning,
+# every parallel operator wakes the pool's sleeping threads, a fixed cost per node that small
+# inputs pay with no arithmetic to split (measured on 2 cores: see README, "Per-inference overhead").
+SMALL_INPUT_TOKENS = 64
+# The second session holds its own copy of the weights: only small graphs get one.
+SMALL_INPUT_SESSION_MAX_BYTES = 64 * 2**20
+
+
+class SizedSessions:
+    """A model's sessions by input size: one thread for small inputs, ``threads`` for the rest.
+
+    Both stay within the thread budget; ``run`` picks by the tokens in the feed.
+    """
+
+    def __init__(self, onnx_path: Path, threads: int):
+        self.large = make_session(onnx_path, threads)
+        small_enough = Path(onnx_path).stat().st_size <= SMALL_INPUT_SESSION_MAX_BYTES
+        self.small = make_session(onnx_path, 1) if threads > 1 and small_enough else None
+
+    def session_for(self, feed: dict[str, np.ndarray]):
+        """The one-thread session for a feed of at most ``SMALL_INPUT_TOKENS`` tokens, else the large one."""
+        tokens = next(iter(feed.values())).size if feed else 0
+        return self.small if self.small is not None and tokens <= SMALL_INPUT_TOKENS else self.large
+
+    def run(self, output_names, feed: dict[str, np.ndarray]):
+        return self.session_for(feed).run(output_names, feed)
+
+    def get_inputs(self):
+        return self.large.get_inputs()
+
+    def get_outputs(self):
+        return self.large.get_outputs()
+
+
 def session_feed(session, encoded) -> dict[str, np.ndarray]:
     """The inputs ``session`` declares, taken from ``encoded`` and cast to int64."""
     names = [i.name for i in session.get_inputs()]

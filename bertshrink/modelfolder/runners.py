@@ -23,7 +23,7 @@ from bertshrink.errors import MissingArtifactError, ModelSourceError
 from bertshrink.modelfolder.files import CONFIG_FILE, FLOOR_FILE, ONNX_FILE, TORCH_WEIGHT_FILES
 from bertshrink.modelfolder.floor_format import PassThroughTokenizer, floor_parameters, load_floor
 from bertshrink.modelfolder.load import load_classifier, load_tokenizer
-from bertshrink.modelfolder.onnx_session import make_session
+from bertshrink.modelfolder.onnx_session import SizedSessions
 from bertshrink.modelfolder.size import count_parameters
 
 
@@ -73,7 +73,7 @@ class OnnxClassifier(_TextRunner):
         self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         config = json.loads((self.model_dir / CONFIG_FILE).read_text())
-        self.session = make_session(self.model_dir / ONNX_FILE, threads)
+        self.session = SizedSessions(self.model_dir / ONNX_FILE, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         self.num_labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
