@@ -83,7 +83,8 @@ def test_a_trial_becomes_the_recipe_its_values_say():
     # no quantization: a PyTorch model, no export
     plain = recipe_steps({**values, "quantize": "none", "layers": 6, "head_ratio": 0.0, "embedding_rank": None,
                           "prune_vocab": False}, MINILM)
-    assert plain == [{"distill": {"alpha_hidden": 1.0, "temperature": 2.0, "learning_rate": 1e-4, "epochs": 2.0}}]
+    assert plain == [{"distill": {"alpha_hidden": 1.0, "temperature": 2.0, "learning_rate": 1e-4, "epochs": 2.0,
+                                  "student_layers": 6}}]   # nothing shaped the student: cut from every layer
 
 
 def test_calibration_dimensions_are_only_chosen_for_static_int8():
@@ -227,3 +228,128 @@ def test_study_key_follows_what_scores_depend_on():
     assert key != study_key(SearchParams(space=SearchSpace(head_ratio=(0.0,))), **base)
     assert key != study_key(SearchParams(), **{**base, "teacher_fingerprint": "other"})
     assert key != study_key(SearchParams(), **{**base, "constraints": PromotionConstraints()})
+
+
+# ---------------------------------------------------------------- the flow, on a tiny trained teacher
+
+TINY_SPACE = {"layers": [1, 2], "layer_choice": ["spread", "bottom"], "head_ratio": [0.0, 0.5],
+              "ffn_ratio": [0.0, 0.5], "embedding_rank": [None, 16], "prune_vocab": [False, True],
+              "alpha_hidden": [0.0, 1.0], "epochs": [3], "learning_rate": [3.0e-3], "quantize": ["none", "dynamic"]}
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory, tiny_bert, prepared):
+    from bertshrink.config.params import TeacherParams
+    from bertshrink.training.finetune import train_teacher
+
+    root = tmp_path_factory.mktemp("search-teacher")
+    params = TeacherParams(model=str(tiny_bert), max_length=32, epochs=20, batch_size=8, learning_rate=3e-3,
+                           warmup_ratio=0.0, save_steps=1000)
+    return train_teacher(prepared, params, root / "teacher", root / "ckpt", seed=0).model_dir
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, prepared, trained_teacher):
+    """A workspace after the teacher stages: prepared data, the teacher, its metrics (a throwaway MLflow store)."""
+    import shutil
+
+    from bertshrink.data.prepare import write_prepared
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    write_prepared(prepared, tmp_path / "data/prepared")
+    shutil.copytree(trained_teacher, tmp_path / "models/teacher")
+    return tmp_path
+
+
+def search_params(registry: dict | None = None, **search):
+    raw = {"evaluate": {"threads": 1, "warmup_iterations": 1, "timed_iterations": 3, "max_length": 32,
+                        "batch_sizes": [1, 8]},
+           "registry": {"experiment": "search", "model_name": "tiny-search", "min_retention": 0.5,
+                        "min_agreement": 0.5, **(registry or {})},
+           "search": {"budget_minutes": 30, "max_trials": 2, "eta": 1, "max_full_trials": 2, "max_front_size": 2,
+                      "latency_iterations": 3, "proxy": {"train_rows": 30, "epochs": 1}, "space": TINY_SPACE,
+                      **search}}
+    return parse_params(raw)
+
+
+def trial_runs(client, experiment: str) -> list[str]:
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000)
+    return sorted(r.info.run_name for r in runs if r.info.run_name.startswith("search:"))
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_search_registers_its_front_and_a_killed_study_resumes_without_repeating_trials(workspace, prefect_server):
+    from mlflow.tracking import MlflowClient
+
+    from bertshrink.config.artifacts import Artifacts
+    from flows.evaluate import evaluate_flow
+    from flows.search import search_flow
+
+    params = search_params()
+    evaluate_flow(params)   # the teacher's metrics and predictions: retention and agreement of the members
+    out = search_flow(params)
+    front = json.loads((workspace / "reports/search/front.json").read_text())
+    assert front == out["front"] and front["trials"] == {"proxy": 2, "full": 2} and front["constraints_met"]
+    names = [m["name"] for m in front["members"]]
+    assert names and names == [f"search-{k}" for k in range(1, len(names) + 1)] and len(names) <= 2
+    client = MlflowClient()
+    for member in front["members"]:
+        # evaluated and registered like a recipe: metrics file, alias, version tag of the front's status
+        assert json.loads((workspace / f"metrics/{member['name']}.json").read_text())["model"] == member["name"]
+        version = client.get_model_version_by_alias("tiny-search", member["name"])
+        assert str(version.version) == member["registered_version"]
+        assert version.tags["search.constraints_met"] == "true" and version.tags["recipe"] == member["name"]
+        # the recipe: what a user pastes under compress.recipes, accepted by the params loader
+        pasted = parse_params({"compress": {"recipes": yaml.safe_load(member["recipe_yaml"])}})
+        assert len(pasted.compress.recipes) == 1
+        assert member["full"]["accuracy"] >= 0 and member["proxy"]["accuracy"] >= 0
+        # validation figures only: the members' scores come from the validation split's size
+        assert member["full"]["constraints_met"] is True
+    assert Artifacts(params.base).search_members() == names
+    # every trial is a run nested under the search's run, with its recipe as an artifact
+    assert trial_runs(client, "search") == ["search:full-0", "search:full-1", "search:proxy-0", "search:proxy-1"]
+    search_run = client.search_runs([client.get_experiment_by_name("search").experiment_id],
+                                    filter_string="attributes.run_name = 'search'")[0]
+    proxy_run = client.search_runs([search_run.info.experiment_id],
+                                   filter_string="attributes.run_name = 'search:proxy-0'")[0]
+    assert proxy_run.data.tags["mlflow.parentRunId"] == search_run.info.run_id
+    assert "proxy.accuracy" in proxy_run.data.metrics and proxy_run.data.tags["search.constraints_met"] in ("true", "false")
+    assert [a.path for a in client.list_artifacts(proxy_run.info.run_id)] == [
+        f"{front['studies']['proxy']}-0.yaml"]
+
+    # a run is killed mid-trial: its trial stays RUNNING in the study
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    study = SearchStudy(Artifacts(params.base).search_storage(None), front["studies"]["proxy"].removesuffix("-proxy"),
+                        "nsga2", 0, params.registry.constraints())
+    orphan = study.ask(PROXY, lambda trial: suggest(trial, params.search.space, MINILM_TINY))
+    study.studies[PROXY]._storage.set_trial_user_attr(study.trial(PROXY, orphan.number)._trial_id, OWNER,
+                                                      f"{__import__('socket').gethostname()}:{killed.stdout.strip()}:1")
+    again = search_flow(search_params(max_trials=3, eta=1, max_full_trials=3))
+    # the finished trials were not run again: only the killed trial's retry and the new full trial
+    assert again["front"]["recovered"] == [f"{front['studies']['proxy']} #2"]
+    assert trial_runs(client, "search") == ["search:full-0", "search:full-1", "search:full-2", "search:proxy-0",
+                                            "search:proxy-1", "search:proxy-3"]
+    retry = study.trial(PROXY, 3)
+    assert retry.params == orphan.values and retry.user_attrs[RETRY_OF] == 2
+    assert again["front"]["trials"] == {"proxy": 3, "full": 3}
+
+
+MINILM_TINY = SpaceContext(Shape(layers=2, heads=2, embedding_width=32, weight_layers=2))
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_constraints_nothing_meets_give_a_flagged_front_not_an_error(workspace, prefect_server):
+    from mlflow.tracking import MlflowClient
+
+    from flows.search import search_flow
+
+    params = search_params(max_trials=2, max_full_trials=1, registry={"min_retention": 2.0, "max_size_mb": 1e-6})
+    out = search_flow(params)
+    front = out["front"]
+    assert front["constraints_met"] is False and "no trial of 1 met the constraints" in front["reason"]
+    assert [m["name"] for m in front["members"]] == ["search-1"] and front["members"][0]["constraints_met"] is False
+    version = MlflowClient().get_model_version_by_alias("tiny-search", "search-1")
+    assert version.tags["search.constraints_met"] == "false"

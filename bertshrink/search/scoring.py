@@ -23,6 +23,8 @@ from bertshrink.data.prepare import PreparedData
 from bertshrink.evaluation.behaviour import agreement
 from bertshrink.evaluation.latency import fixed_threads, measure_latency
 from bertshrink.evaluation.metrics import classification_metrics
+from bertshrink.modelfolder.files import new_sibling_dir, replace_dir
+from bertshrink.modelfolder.meta import update_meta
 from bertshrink.modelfolder.runners import open_model
 from bertshrink.modelfolder.size import size_on_disk
 
@@ -129,3 +131,16 @@ def build_and_score(name: str, steps: list, build: TrialBuild, data: PreparedDat
     if not keep_model:
         shutil.rmtree(build.out_dir, ignore_errors=True)
     return scores
+
+
+def materialize(trial_dir: Path, target: Path, name: str, search: dict) -> Path:
+    """A full trial's model as candidate ``name`` (``models/candidates/search-<k>``), swapped in whole,
+    its metadata naming the recipe ``name`` and the search it came from."""
+    tmp = new_sibling_dir(Path(target))
+    try:
+        shutil.copytree(trial_dir, tmp, dirs_exist_ok=True)
+        update_meta(tmp, recipe=name, search=search)
+        replace_dir(tmp, Path(target))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Path(target)

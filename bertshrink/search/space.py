@@ -22,6 +22,7 @@ from bertshrink.modelfolder.families import Family, Shape
 # vocabulary cut (after distill: the teacher reads the full vocabulary), then export and quantization.
 STEP_ORDER = ("drop_layers", "prune_heads", "prune_ffn", "factorize_embeddings", "distill", "prune_vocab",
               "export_onnx", "quantize")
+SHAPING_STEPS = ("drop_layers", "prune_heads", "prune_ffn", "factorize_embeddings")
 # Categorical choices must be plain values for Optuna's storage: op-type lists travel as "A,B".
 LIST_SEPARATOR = ","
 
@@ -207,6 +208,9 @@ def draft_of(values: dict[str, Any], ctx: SpaceContext) -> RecipeDraft:
     for dim in DIMENSIONS:
         if dim.name in values and dim.active(values, ctx):   # values of an inactive dimension are ignored
             dim.apply(values[dim.name], draft, values, ctx)
+    if not any(kind in draft.steps for kind in SHAPING_STEPS):
+        # distill cuts its student from the teacher when no step shaped one: here, every layer
+        draft.set("distill", student_layers=ctx.shape.layers)
     return draft
 
 

@@ -34,6 +34,7 @@ STAGES = (PROXY, FULL)
 OWNER = "owner"               # user attr: host:pid:process start (ms) of the process running the trial
 SCORES, ERROR = "scores", "error"
 PROXY_TRIAL, RETRY_OF = "proxy_trial", "retry_of"
+KILLED = "its process was killed; params enqueued again"
 
 
 # ---------------------------------------------------------------- naming and storage
@@ -133,6 +134,14 @@ def _sampler(kind: str, seed: int, constraints: Callable | None) -> optuna.sampl
     return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints, population_size=8)
 
 
+def _trials_in(storage: str, name: str) -> int:
+    """Trials a study already holds (0 for a new one)."""
+    try:
+        return len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+    except KeyError:
+        return 0
+
+
 class SearchStudy:
     """The proxy and full studies of one search, in one storage."""
 
@@ -144,10 +153,12 @@ class SearchStudy:
         constraints_func = self._constraint_values if limits else None
         ensure_sqlite_folder(storage)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.studies = {stage: optuna.create_study(storage=storage, study_name=self.names[stage],
-                                                   directions=list(DIRECTIONS), load_if_exists=True,
-                                                   sampler=_sampler(sampler, seed + i, constraints_func))
-                        for i, stage in enumerate(STAGES)}
+        # A resumed run seeds its sampler past the trials it finds: the same seed would draw the first
+        # trials' params again (random first generation), and a duplicate wastes a trial.
+        self.studies = {stage: optuna.create_study(
+            storage=storage, study_name=self.names[stage], directions=list(DIRECTIONS), load_if_exists=True,
+            sampler=_sampler(sampler, seed + 1000 * i + _trials_in(storage, self.names[stage]), constraints_func))
+            for i, stage in enumerate(STAGES)}
         self._live: dict[tuple[str, int], optuna.Trial] = {}
 
     def _constraint_values(self, trial: FrozenTrial) -> list[float]:
@@ -170,6 +181,12 @@ class SearchStudy:
     def trial(self, stage: str, number: int) -> FrozenTrial:
         return self.studies[stage].trials[number]
 
+    def attempted(self, stage: str) -> int:
+        """Trials of ``stage`` that ran to an end, finished or failed (one failed by a kill is retried,
+        so it does not count)."""
+        failed = [t for t in self.trials(stage, (TrialState.FAIL,)) if t.user_attrs.get(ERROR) != KILLED]
+        return len(self.trials(stage)) + len(failed)
+
     def waiting(self, stage: str) -> int:
         return len(self.trials(stage, (TrialState.WAITING,)))
 
@@ -187,7 +204,7 @@ class SearchStudy:
             for t in self.trials(stage, (TrialState.RUNNING,)):
                 if not owner_gone(t.user_attrs.get(OWNER)):
                     continue
-                study._storage.set_trial_user_attr(t._trial_id, ERROR, "its process was killed; params enqueued again")
+                study._storage.set_trial_user_attr(t._trial_id, ERROR, KILLED)
                 study.tell(t.number, state=TrialState.FAIL)
                 attrs = {k: v for k, v in t.user_attrs.items() if k not in (OWNER, ERROR, SCORES)}
                 study.enqueue_trial(dict(t.params), user_attrs={**attrs, RETRY_OF: t.number})
