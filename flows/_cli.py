@@ -63,6 +63,13 @@ def selected_recipes(params: Params, names: list[str] | None) -> list[str]:
     return list(names or params.compress.recipes)
 
 
+def candidate_names(params: Params) -> list[str]:
+    """Every recipe, then (with ``search.enabled``) the last search's front members: what compare,
+    promote and report take as candidates."""
+    members = Artifacts(params.base).search_members() if params.search.enabled else []
+    return [*params.compress.recipes, *members]
+
+
 def interrupted_message(params_file: str) -> str:
     """What an interruption left, truthfully: a checkpoint to resume from, or none yet."""
     try:

@@ -15,19 +15,19 @@ from bertshrink.config.artifacts import Artifacts
 from bertshrink.config.params import Params
 from bertshrink.errors import MissingArtifactError
 from bertshrink.modelfolder.files import CONFIG_FILE
-from flows._cli import run_stage
+from flows._cli import candidate_names, run_stage
 from tasks.evaluate import compare_latency_task
 from tracking.runs import stage_run
 
 
 def models_to_compare(params: Params) -> list[str]:
-    """The teacher, the floor (if trained), then each recipe's candidate that exists on disk."""
+    """The teacher, the floor (if trained), then each recipe's (and search member's) candidate on disk."""
     paths = Artifacts(params.base)
     if not (paths.teacher / CONFIG_FILE).is_file():
         raise MissingArtifactError(f"{paths.teacher} has no model: train the teacher first "
                                    "(`python -m flows.teacher` or `dvc repro teacher`).")
     floor = [paths.floor] if params.floor.enabled else []
-    candidates = floor + [paths.candidate(name) for name in params.compress.recipes]
+    candidates = floor + [paths.candidate(name) for name in candidate_names(params)]
     return [str(paths.teacher), *(str(d) for d in candidates if (d / CONFIG_FILE).is_file())]
 
 

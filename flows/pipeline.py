@@ -1,5 +1,5 @@
 """The whole pipeline: prepare -> validate -> teacher -> evaluate -> register -> floor -> compress ->
-evaluate and register each candidate -> compare latencies -> promote -> report
+evaluate and register each candidate -> [search, with search.enabled] -> compare latencies -> promote -> report
 (``python -m flows.pipeline``; ``make run``).
 
 One MLflow parent run per execution, with a nested run per stage and per recipe. The same stage
@@ -34,6 +34,7 @@ from flows.prepare import prepare_flow
 from flows.promote import promote_flow
 from flows.register import register_flow
 from flows.report import report_flow
+from flows.search import search_flow
 from flows.teacher import teacher_flow
 from flows.validate import validate_flow
 from tracking.runs import git_commit, log_artifact, log_metrics, pipeline_run, set_tags
@@ -60,10 +61,12 @@ FINAL_STAGES = ("compare", "promote", "report")
 CANDIDATE_STAGES = ("compress", "evaluate-candidate", "register-candidate")
 
 
-def dvc_stages(recipes: list[str], floor: bool = True) -> list[str]:
-    """The dvc.yaml stages this run produced: the teacher's, the floor's, each finished recipe's, the final ones."""
+def dvc_stages(recipes: list[str], floor: bool = True, search: bool = False) -> list[str]:
+    """The dvc.yaml stages this run produced: the teacher's, the floor's, each finished recipe's, the
+    search's, the final ones."""
     return [*TEACHER_STAGES, *(FLOOR_STAGES if floor else ()),
-            *(f"{stage}@{name}" for name in recipes for stage in CANDIDATE_STAGES), *FINAL_STAGES]
+            *(f"{stage}@{name}" for name in recipes for stage in CANDIDATE_STAGES), *(("search",) if search else ()),
+            *FINAL_STAGES]
 
 
 def record_in_dvc(stages: list[str]) -> None:
@@ -96,6 +99,18 @@ def evaluate_and_register_candidates(params: Params, parent: str, compressed: di
     return results, registered, failed
 
 
+def run_search(params: Params, parent: str, failed: dict[str, str]) -> dict | None:
+    """The optional search stage (``search.enabled``): its front's members join the comparison, the
+    promotion and the report like recipes. A failed search is reported like a failed recipe."""
+    try:
+        searched = search_flow(params, parent)
+    except Exception as err:  # the recipes' candidates still go on to compare, promote and report
+        failed["search"] = f"{type(err).__name__}: {err}"
+        return None
+    failed.update(searched["failed"])
+    return searched
+
+
 @flow(name="pipeline")
 def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool = True) -> dict:
     """Run every stage once; parameters are parsed (and rejected) before any work starts."""
@@ -113,6 +128,9 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
         compressed = compress_flow(params, parent, raise_on_failure=False)
         candidate_results, candidate_records, failed = evaluate_and_register_candidates(params, parent, compressed)
         results, registered = results + candidate_results, registered + candidate_records
+        searched = run_search(params, parent, failed) if params.search.enabled else None
+        if searched:
+            results, registered = results + searched["results"], registered + searched["registered"]
         if len(results) > 1:
             comparison = compare_flow(params, parent, [r["model_dir"] for r in results])
             # on the parent too, where a reader of the pipeline's run looks first
@@ -132,7 +150,7 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
         print(f"bertshrink: note: dvc.yaml runs {DEFAULT_PARAMS_FILE}, not {params_file}; dvc.lock not updated.",
               file=sys.stderr)
     elif dvc_commit:
-        record_in_dvc(dvc_stages([r["alias"] for r in candidate_records], params.floor.enabled))
+        record_in_dvc(dvc_stages([r["alias"] for r in candidate_records], params.floor.enabled, bool(searched)))
     print(markdown)
     if failed:
         raise recipes_failed(failed, len(params.compress.recipes))

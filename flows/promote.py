@@ -22,15 +22,15 @@ from bertshrink.config.artifacts import TEACHER, Artifacts, read_json
 from bertshrink.config.params import Params
 from bertshrink.errors import MissingArtifactError, ParamsError
 from bertshrink.selection.promotion import CHAMPION_ALIAS, candidate_from_tags, check_manual_promotion, constraints_of
-from flows._cli import parse_args, run_cli, run_stage
+from flows._cli import candidate_names, parse_args, run_cli, run_stage
 from tasks.promote import promote_task
 from tracking.registry import move_alias, version_model_name
 from tracking.runs import configure_tracking, log_artifact, set_tags, stage_run
 
 
 def promotion_names(params: Params) -> list[str]:
-    """The teacher and every recipe: what the rule chooses among."""
-    return [TEACHER, *params.compress.recipes]
+    """The teacher, every recipe and the search's front members: what the rule chooses among."""
+    return [TEACHER, *candidate_names(params)]
 
 
 def failed_recipes(params: Params) -> dict[str, str]:

@@ -13,13 +13,13 @@ from prefect import flow
 
 from bertshrink.config.artifacts import FLOOR, TEACHER, Artifacts
 from bertshrink.config.params import Params
-from flows._cli import run_stage
+from flows._cli import candidate_names, run_stage
 from tasks.report import report_task
 from tracking.runs import stage_run
 
 
 def report_names(params: Params) -> list[str]:
-    return [TEACHER, FLOOR, *params.compress.recipes]
+    return [TEACHER, FLOOR, *candidate_names(params)]
 
 
 def report_title(params: Params) -> str:

@@ -132,6 +132,9 @@ def version_tags(meta: ModelMeta, result: dict, summary: dict) -> dict:
             "teacher_model_version": meta.teacher_model_version or "unknown",
             "format": meta.format,
         })
+        if meta.search:   # a member of the search's front: false = a flagged front, nothing met the rule
+            tags.update({"search.constraints_met": str(bool(meta.search.get("constraints_met"))).lower(),
+                         "search.study": meta.search.get("study"), "search.trial": meta.search.get("trial")})
         if meta.quantization:
             tags["quantization"] = json.dumps(meta.quantization, sort_keys=True, default=str)
         if meta.calibration:

@@ -66,6 +66,38 @@ class Artifacts:
         """Work folders for resumable training and recipe steps (``checkpoints/teacher``, ...)."""
         return Path(self.base.checkpoints_dir).joinpath(*parts)
 
+    # ------------------------------------------------------------------ the search (flows/search.py)
+    @property
+    def search_dir(self) -> Path:
+        """The search's work: its default SQLite study and each trial's models."""
+        return self.checkpoints("search")
+
+    def search_storage(self, storage: str | None) -> str:
+        """The Optuna storage URL: ``storage`` as given, else a SQLite file under the checkpoints."""
+        return storage or f"sqlite:///{(self.search_dir / 'study.db').resolve()}"
+
+    def search_trial(self, study: str, number: int) -> Path:
+        """Where a trial's model is built (``<study>`` is ``<name>-proxy`` or ``<name>-full``)."""
+        return self.search_dir / study / f"trial-{number}"
+
+    @property
+    def search_reports(self) -> Path:
+        return Path(self.base.reports_dir) / "search"
+
+    @property
+    def search_front(self) -> Path:
+        """The front: members, their recipes, proxy and full scores, whether it met the constraints."""
+        return self.search_reports / "front.json"
+
+    def search_recipe(self, study: str, number: int) -> Path:
+        """A trial's recipe as YAML a user can paste under ``compress.recipes``."""
+        return self.search_reports / "recipes" / f"{study}-{number}.yaml"
+
+    def search_members(self) -> list[str]:
+        """Names of the last search's front members (``search-1``, ...); none before a search ran."""
+        front = read_json(self.search_front) or {}
+        return [member["name"] for member in front.get("members", [])]
+
     # ------------------------------------------------------------------ before writing
     def setting_of(self, path: Path) -> str:
         """The ``base`` setting that places ``path`` (``base.models_dir``, ...), for messages; a

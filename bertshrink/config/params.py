@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from bertshrink.config.knobs import Knobs, PromotionConstraints, TrainingKnobs
 from bertshrink.config.recipes import CompressParams
+from bertshrink.config.search import SearchParams
 from bertshrink.errors import ParamsError
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
@@ -183,6 +184,7 @@ class Params(_Section):
     registry: RegistryParams = RegistryParams()
     compress: CompressParams = CompressParams()  # recipes; run by the compress stage (issue 3)
     floor: FloorParams = FloorParams()           # the TF-IDF + logistic regression baseline
+    search: SearchParams = SearchParams()        # the automatic recipe search (issue 15)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -410,6 +410,8 @@ def _factorization_once(steps) -> None:
 
 # MLflow reserves "latest" and v<N>; champion/challenger are the promotion aliases.
 RESERVED_ALIASES = ("latest", "champion", "challenger")
+# The search's front members are candidates named search-1, search-2, ... (their MLflow aliases too).
+SEARCH_PREFIX = "search-"
 
 
 class CompressParams(BaseModel):
@@ -431,6 +433,9 @@ class CompressParams(BaseModel):
             if name.lower() in RESERVED_ALIASES or re.fullmatch(r"[vV]\d+", name):
                 raise ValueError(f"recipe name '{name}' is reserved: the recipe name becomes its MLflow alias, and "
                                  f"{', '.join(RESERVED_ALIASES)} and v<number> mean something else there")
+            if name.startswith(SEARCH_PREFIX):
+                raise ValueError(f"recipe name '{name}' starts with '{SEARCH_PREFIX}', which names the search's "
+                                 "front members (search-1, ...): choose another name")
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"recipe name '{name}' must be letters, digits, '-' or '_' (it names a folder)")
         return self

@@ -59,6 +59,8 @@ class ModelMeta(BaseModel):
     teacher_training_run_id: str | None = None
     teacher_model_version: str | None = None
     compress_run_id: str | None = None
+    # A member of the search's front: study, trial, proxy and full scores, whether it met the constraints.
+    search: dict[str, Any] | None = None
     # The floor: the regularisation search and the TF-IDF vocabulary.
     validation_accuracy_by_c: dict[str, float] | None = None
     chosen_c: float | None = None

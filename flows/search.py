@@ -1,0 +1,224 @@
+"""Stage flow: the automatic recipe search (``python -m flows.search``).
+
+A multi-objective Optuna study (validation accuracy up, batch-1 p50 and size down) under the
+``registry:`` rule's constraints, within ``search.budget_minutes``. Proxy trials (short distillation
+on a subset) first; the best 1/eta get the full budget; the full study's Pareto front (or, when no
+trial met the constraints, the least-violating trials, flagged) becomes candidates
+``models/candidates/search-<k>``, evaluated and registered like recipes (alias ``search-<k>``).
+Writes ``reports/search/front.json``. A rerun resumes the study: finished trials are not repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow
+
+from bertshrink.config.artifacts import Artifacts
+from bertshrink.config.params import Params
+from bertshrink.config.recipes import SEARCH_PREFIX
+from bertshrink.data.prepare import load_prepared
+from bertshrink.errors import CompressionError, MissingArtifactError
+from bertshrink.modelfolder.families import family_of
+from bertshrink.modelfolder.files import CONFIG_FILE
+from bertshrink.modelfolder.size import content_fingerprint
+from bertshrink.config.knobs import PromotionConstraints
+from bertshrink.search.front import Front, promote_for_full, select_front
+from bertshrink.search.scoring import Reference, materialize, teacher_reference, without_test
+from bertshrink.search.space import SpaceContext, recipe_steps, recipe_yaml, suggest
+from bertshrink.search.study import (FULL, PROXY, PROXY_TRIAL, SCORES, Budget, SearchStudy, TrialSpec,
+                                     printable_storage, study_key)
+from flows._cli import run_stage
+from flows.evaluate import evaluate_flow
+from flows.register import register_flow
+from tasks.search import PASTE_PREFIX, search_trial
+from tracking.runs import log_artifact, log_metrics, log_params, set_tags, stage_run
+
+
+def space_context(params: Params, paths: Artifacts, prepared) -> SpaceContext:
+    """The teacher's shape and family, and whether there is a transfer set to distil on."""
+    config_file = paths.teacher / CONFIG_FILE
+    if not config_file.is_file():
+        raise MissingArtifactError(f"{config_file} not found: train the teacher first "
+                                   "(`python -m flows.teacher` or `dvc repro teacher`).")
+    config = json.loads(config_file.read_text())
+    family = family_of(config)
+    return SpaceContext(family.shape(config), prepared.transfer is not None and len(prepared.transfer) > 0, family)
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """What every trial of one search run needs."""
+
+    params: Params
+    paths: Artifacts
+    ctx: SpaceContext
+    constraints: PromotionConstraints
+    reference: Reference
+    study: SearchStudy
+    budget: Budget
+    run_id: str          # the search stage's MLflow run: each trial's run is nested under it
+
+
+def run_trial(job: SearchJob, spec: TrialSpec, failures: dict[str, str]) -> None:
+    """One trial as a Prefect task in a nested MLflow run; its scores (or its failure) go to the study."""
+    if spec.stage == PROXY:
+        same = job.study.duplicate_of(PROXY, spec.values)
+        if same is not None:   # the sampler proposed params already scored: reuse, don't train again
+            job.study.tell(spec, same.user_attrs[SCORES], duplicate_of=same.number)
+            return
+    proxy = spec.user_attrs.get(PROXY_TRIAL)
+    proxy_scores = None if proxy is None else job.study.trial(PROXY, proxy).user_attrs.get(SCORES)
+    try:
+        with stage_run(f"search:{spec.stage}-{spec.number}", job.params.registry, job.run_id) as trial_run:
+            scores = search_trial(spec, job.ctx, job.params.search, job.constraints, job.params.evaluate,
+                                  job.reference, job.paths, job.params.base.seed, trial_run, proxy_scores)
+    except Exception as err:  # one failing trial must not stop the search
+        failures[f"{spec.study} #{spec.number}"] = f"{type(err).__name__}: {err}"
+        job.study.fail(spec, f"{type(err).__name__}: {err}")
+        return
+    job.study.tell(spec, {k: v for k, v in scores.items() if k != "constraints"}, mlflow_run_id=trial_run)
+
+
+def run_proxy_stage(job: SearchJob, failures: dict[str, str]) -> None:
+    """Proxy trials until ``max_trials`` (all runs of the study together) or the proxy's share of
+    the budget is spent; at least one trial finishes."""
+    search = job.params.search
+    while job.study.attempted(PROXY) < search.max_trials:
+        if len(job.study.trials(PROXY)) > 0 and not job.budget.proxy_open():
+            break
+        run_trial(job, job.study.ask(PROXY, lambda trial: suggest(trial, search.space, job.ctx)), failures)
+
+
+def run_full_stage(job: SearchJob, failures: dict[str, str]) -> list[int]:
+    """The proxy winners (top 1/eta by non-dominated rank) with the full budget, while the budget
+    lasts; one full trial at least, whatever the clock says."""
+    search = job.params.search
+    winners = [s.number for s in promote_for_full(job.study.scored(PROXY), search.eta, search.max_full_trials)]
+    job.study.enqueue_full(winners)
+    while job.study.waiting(FULL) > 0:
+        if len(job.study.trials(FULL)) > 0 and not job.budget.open():
+            break
+        run_trial(job, job.study.ask(FULL, lambda trial: suggest(trial, search.space, job.ctx)), failures)
+    return winners
+
+
+def member_record(job: SearchJob, name: str, number: int, front: Front) -> dict[str, Any]:
+    """A front member: its trials, recipe (pasteable YAML too), proxy and full scores, constraints."""
+    full = job.study.trial(FULL, number)
+    proxy_number = full.user_attrs.get(PROXY_TRIAL)
+    proxy = None if proxy_number is None else job.study.trial(PROXY, proxy_number)
+    steps = recipe_steps(full.params, job.ctx)
+    scores = full.user_attrs.get(SCORES) or {}
+    margins = next(m.constraints for m in front.members if m.number == number)
+    return {"name": name, "model_dir": str(job.paths.candidate(name)), "full_trial": number,
+            "proxy_trial": proxy_number, "params": dict(full.params), "recipe": steps,
+            "recipe_yaml": recipe_yaml(f"{PASTE_PREFIX}{number}", steps),
+            "proxy": None if proxy is None else proxy.user_attrs.get(SCORES), "full": scores,
+            "constraints": margins, "constraints_met": all(v <= 0 for v in margins.values())}
+
+
+def materialize_front(job: SearchJob, front: Front) -> list[dict]:
+    """Each member's model as ``models/candidates/search-<k>``; members of an older, larger front go."""
+    members = []
+    for k, member in enumerate(front.members, start=1):
+        name = f"{SEARCH_PREFIX}{k}"
+        record = member_record(job, name, member.number, front)
+        materialize(job.paths.search_trial(job.study.names[FULL], member.number), job.paths.candidate(name), name,
+                    {"study": job.study.names[FULL], "trial": member.number, "proxy_trial": record["proxy_trial"],
+                     "constraints_met": front.constraints_met, "proxy": record["proxy"], "full": record["full"]})
+        members.append(record)
+    for old in job.paths.candidate(SEARCH_PREFIX).parent.glob(f"{SEARCH_PREFIX}*"):
+        if old.is_dir() and old.name not in {m["name"] for m in members}:
+            shutil.rmtree(old)
+    return members
+
+
+def write_front(job: SearchJob, front: Front, members: list[dict], winners: list[int],
+                failures: dict[str, str], recovered: list[str]) -> dict:
+    record = {"constraints_met": front.constraints_met, "reason": front.reason,
+              "constraints": job.constraints.model_dump(), "objectives": ["validation accuracy (max)",
+                                                                          "batch-1 p50 ms (min)", "size MB (min)"],
+              "studies": dict(job.study.names), "storage": printable_storage(job.study.storage),
+              "trials": {"proxy": len(job.study.trials(PROXY)), "full": len(job.study.trials(FULL))},
+              "full_budget_for": winners, "failed": failures, "recovered": recovered,
+              "minutes": round(job.budget.elapsed_minutes, 2), "budget_minutes": job.params.search.budget_minutes,
+              "members": members}
+    out = job.paths.search_front
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, default=str))
+    return record
+
+
+def evaluate_and_register_members(params: Params, parent_run_id: str, members: list[dict]) -> tuple[list, list, dict]:
+    """Each member through the recipes' evaluate and register code (alias ``search-<k>``)."""
+    results, registered, failed = [], [], {}
+    for member in members:
+        try:
+            results += evaluate_flow(params, parent_run_id, [member["model_dir"]])
+            registered += register_flow(params, parent_run_id, [member["model_dir"]])
+        except Exception as err:  # one broken member must not stop the others
+            failed[member["name"]] = f"evaluate/register: {type(err).__name__}: {err}"
+    return results, registered, failed
+
+
+def open_search(params: Params, paths: Artifacts, run_id: str) -> SearchJob:
+    """The studies (created or resumed), the space's context, the teacher on validation, the clock."""
+    prepared = load_prepared(paths.prepared)
+    ctx = space_context(params, paths, prepared)
+    constraints = params.registry.constraints()
+    key = study_key(params.search, constraints, content_fingerprint(paths.teacher), prepared.content_hash,
+                    params.base.seed)
+    storage = paths.search_storage(params.search.storage)
+    study = SearchStudy(storage, f"{params.search.study_name}-{key}", params.search.sampler, params.base.seed,
+                        constraints)
+    reference = teacher_reference(paths.teacher, without_test(prepared), params.evaluate)
+    log_params(run_id, {"search.storage": printable_storage(storage), "search.key": key,
+                        "teacher.validation_accuracy": reference.accuracy,
+                        **{f"search.{k}": v for k, v in params.search.model_dump(mode="json").items()}})
+    set_tags(run_id, {"search.proxy_study": study.names[PROXY], "search.full_study": study.names[FULL]})
+    return SearchJob(params, paths, ctx, constraints, reference, study,
+                     Budget(params.search.budget_minutes, params.search.full_share), run_id)
+
+
+@flow(name="search")
+def search_flow(params: Params, parent_run_id: str | None = None) -> dict:
+    """Run (or resume) the search, register its front; returns the front and the members' results."""
+    paths = Artifacts(params.base)
+    paths.require_writable(paths.search_dir, paths.search_reports, paths.candidate(SEARCH_PREFIX).parent)
+    failures: dict[str, str] = {}
+    with stage_run("search", params.registry, parent_run_id) as run_id:
+        job = open_search(params, paths, run_id)
+        recovered = job.study.recover()
+        if recovered:
+            print(f"bertshrink: resuming the search; trials a killed run left unfinished run again: "
+                  f"{', '.join(recovered)}", file=sys.stderr)
+        run_proxy_stage(job, failures)
+        winners = run_full_stage(job, failures)
+        front = select_front(job.study.scored(FULL), params.search.max_front_size)
+        if not front.members:
+            raise CompressionError("the search finished no full-budget trial, so it has no model: "
+                                   + "; ".join(f"{k}: {v}" for k, v in failures.items()))
+        members = materialize_front(job, front)
+        record = write_front(job, front, members, winners, failures, recovered)
+        log_metrics(run_id, {"search.minutes": job.budget.elapsed_minutes, "search.proxy_trials": record["trials"]["proxy"],
+                             "search.full_trials": record["trials"]["full"], "search.front_size": len(members)})
+        set_tags(run_id, {"search.constraints_met": str(front.constraints_met).lower(), "search.reason": front.reason})
+        results, registered, failed = evaluate_and_register_members(params, parent_run_id or run_id, members)
+        versions = {r["alias"]: r.get("version") for r in registered}
+        for member in record["members"]:
+            member["registered_version"] = versions.get(member["name"])
+        paths.search_front.write_text(json.dumps(record, indent=2, default=str))
+        log_artifact(run_id, paths.search_front)
+    print(f"bertshrink: search front ({front.reason}): "
+          + ", ".join(f"{m['name']} (trial {m['full_trial']}, validation accuracy {m['full']['accuracy']:.4f}, "
+                      f"{m['full']['p50_ms']:.2f} ms, {m['full']['size_mb']:.1f} MB)" for m in members))
+    return {"front": record, "results": results, "registered": registered, "failed": failed}
+
+
+if __name__ == "__main__":
+    run_stage(search_flow, __doc__)
