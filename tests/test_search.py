@@ -44,7 +44,8 @@ def sampled(space: SearchSpace, ctx: SpaceContext, n: int, seed: int = 0) -> lis
 
 def test_every_sampled_trial_is_a_recipe_the_params_loader_and_the_shape_check_accept():
     space = SearchSpace(layers=(1, 6), keep_fp32=((), ("SkipLayerNormalization", "BiasGelu")),
-                        embedding_rank=(None, 64, 128, 512), calibration_rows=(64, 256))
+                        embedding_rank=(None, 64, 128, 512), calibration_rows=(64, 256),
+                        quantize=("none", "dynamic", "static", "mixed"), precision_bits=(5.0, 8.0, 16.0))
     trials = sampled(space, MINILM, 150)
     for values in trials:
         steps = recipe_steps(values, MINILM)
@@ -57,7 +58,7 @@ def test_every_sampled_trial_is_a_recipe_the_params_loader_and_the_shape_check_a
     kinds = {s if isinstance(s, str) else next(iter(s)) for v in trials for s in recipe_steps(v, MINILM)}
     # the space reaches every step it offers; a rank at or above the embedding width is never chosen
     assert kinds == {"drop_layers", "prune_heads", "prune_ffn", "factorize_embeddings", "distill", "prune_vocab",
-                     "export_onnx", "quantize"}
+                     "export_onnx", "quantize", "mixed_precision"}
     assert {v["embedding_rank"] for v in trials} == {None, 64, 128}
 
 
@@ -85,6 +86,15 @@ def test_a_trial_becomes_the_recipe_its_values_say():
                           "prune_vocab": False}, MINILM)
     assert plain == [{"distill": {"alpha_hidden": 1.0, "temperature": 2.0, "learning_rate": 1e-4, "epochs": 2.0,
                                   "student_layers": 6}}]   # nothing shaped the student: cut from every layer
+
+
+def test_per_layer_precision_is_a_dimension_of_the_mixed_choice():
+    values = {"layer_choice": "spread", "layers": 3, "head_ratio": 0.0, "ffn_ratio": 0.0, "embedding_rank": None,
+              "alpha_hidden": 0.0, "alpha_attention": 0.0, "temperature": 2.0, "learning_rate": 1e-4,
+              "epochs": 1.0, "transfer": False, "prune_vocab": False, "quantize": "mixed", "precision_bits": 6.0}
+    assert recipe_steps(values, MINILM)[-2:] == ["export_onnx", {"mixed_precision": {"bits": 6.0}}]
+    for trial in sampled(SearchSpace(quantize=("none", "mixed")), MINILM, 30):
+        assert ("precision_bits" in trial) == (trial["quantize"] == "mixed"), trial
 
 
 def test_calibration_dimensions_are_only_chosen_for_static_int8():

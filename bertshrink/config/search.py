@@ -14,7 +14,7 @@ from bertshrink.config.knobs import Knobs
 from bertshrink.config.recipes import MIN_CALIBRATION_ROWS
 
 LayerChoice = Literal["spread", "bottom", "top"]
-QuantChoice = Literal["none", "dynamic", "static"]
+QuantChoice = Literal["none", "dynamic", "static", "mixed"]
 Sampler = Literal["nsga2", "tpe"]
 
 
@@ -38,7 +38,9 @@ class SearchSpace(Knobs):
     epochs: tuple[float, ...] = (1.0, 2.0)             # distillation epochs of the full budget
     learning_rate: tuple[float, ...] = (1e-4,)
     transfer: tuple[bool, ...] = (False,)               # distil on data.transfer_samples' texts too (if any)
-    quantize: tuple[QuantChoice, ...] = ("none", "dynamic", "static")  # none = PyTorch fp32, else ONNX int8
+    # none = PyTorch fp32; dynamic / static = ONNX int8; mixed = per-layer precision (mixed_precision step)
+    quantize: tuple[QuantChoice, ...] = ("none", "dynamic", "static")
+    precision_bits: tuple[float, ...] = (6.0, 12.0)     # mixed: average bits per encoder weight (< 8: int4/int8)
     calibration_rows: tuple[int, ...] = (256,)         # static int8: training rows calibrated on
     keep_fp32: tuple[tuple[str, ...], ...] = ((),)      # static int8: op types left fp32, e.g. [SkipLayerNormalization]
 
@@ -62,6 +64,8 @@ class SearchSpace(Knobs):
             raise ValueError("epochs and temperature choices must be in (0, 100]")
         if any(not 0 < x < 1 for x in self.learning_rate):
             raise ValueError(f"learning_rate choices must be in (0, 1) (got {list(self.learning_rate)})")
+        if any(not 4.0 <= b <= 32.0 for b in self.precision_bits):
+            raise ValueError(f"precision_bits choices must be in [4, 32] (got {list(self.precision_bits)})")
         if any(r < MIN_CALIBRATION_ROWS for r in self.calibration_rows):
             raise ValueError(f"calibration_rows choices must be >= {MIN_CALIBRATION_ROWS}")
         return self

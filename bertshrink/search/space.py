@@ -21,7 +21,7 @@ from bertshrink.modelfolder.families import Family, Shape
 # Where each step goes in a recipe: structure first, then distillation repairs it, then the lossless
 # vocabulary cut (after distill: the teacher reads the full vocabulary), then export and quantization.
 STEP_ORDER = ("drop_layers", "prune_heads", "prune_ffn", "factorize_embeddings", "distill", "prune_vocab",
-              "export_onnx", "quantize")
+              "export_onnx", "quantize", "mixed_precision")
 SHAPING_STEPS = ("drop_layers", "prune_heads", "prune_ffn", "factorize_embeddings")
 # Categorical choices must be plain values for Optuna's storage: op-type lists travel as "A,B".
 LIST_SEPARATOR = ","
@@ -139,9 +139,20 @@ def _apply_quantize(value: str, draft: RecipeDraft, values: dict, ctx: SpaceCont
     if value == "none":
         return
     draft.set("export_onnx")
+    if value == "mixed":   # per-layer precision: its bits are the precision_bits dimension
+        draft.set("mixed_precision")
+        return
     draft.set("quantize", backend="onnxruntime", mode=value)
     if value == "static":
         draft.set("quantize", calibration={"split": "train", "rows": 256, "method": "minmax"})
+
+
+def _apply_precision_bits(value: float, draft: RecipeDraft, values: dict, ctx: SpaceContext) -> None:
+    draft.set("mixed_precision", bits=value)
+
+
+def _mixed(values: dict, ctx: SpaceContext) -> bool:
+    return values.get("quantize") == "mixed"
 
 
 def _apply_calibration_rows(value: int, draft: RecipeDraft, values: dict, ctx: SpaceContext) -> None:
@@ -178,6 +189,7 @@ DIMENSIONS: tuple[Dimension, ...] = (
               _distill_option("transfer", skip_zero=True)),
     Dimension("prune_vocab", lambda s, c: s.prune_vocab, _apply_vocab),
     Dimension("quantize", lambda s, c: s.quantize, _apply_quantize),
+    Dimension("precision_bits", lambda s, c: s.precision_bits, _apply_precision_bits, _mixed),
     Dimension("calibration_rows", lambda s, c: s.calibration_rows, _apply_calibration_rows, _static),
     Dimension("keep_fp32", lambda s, c: tuple(LIST_SEPARATOR.join(ops) for ops in s.keep_fp32),
               _apply_keep_fp32, _static),
