@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from the repository root
 
-from bertshrink.compression.peers import current_peers  # noqa: E402
+from bertshrink.modelfolder.peers import current_peers  # noqa: E402
 from bertshrink.config.artifacts import Artifacts, read_json  # noqa: E402
 from bertshrink.config.params import load_params  # noqa: E402
 from bertshrink.selection.report import PLOTS, check_targets, machine_line, markdown_table, report_rows  # noqa: E402

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from prefect import flow
 
-from bertshrink.compression.peers import current_peers
 from bertshrink.config.artifacts import Artifacts
 from bertshrink.config.params import Params
 from bertshrink.errors import MissingArtifactError
 from bertshrink.modelfolder.files import CONFIG_FILE
+from bertshrink.modelfolder.peers import current_peers
 from flows._cli import run_stage
 from tasks.evaluate import compare_latency_task
 from tracking.runs import stage_run

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bertshrink.compression.peers import current_peers, peer_folders, write_peer_folder
+from bertshrink.compression.peers import write_peer_folder
+from bertshrink.modelfolder.peers import current_peers, peer_folders
 from bertshrink.config.artifacts import Artifacts
 from bertshrink.config.params import Params
 from bertshrink.errors import ParamsError

@@ -1,10 +1,9 @@
-"""Peer tools' models (Optimum, Olive) as our model folders, and finding them again.
+"""Peer tools' models (Optimum, Olive) as our model folders.
 
 A peer script (benchmarks/peers/, run in the peer's own venv) leaves an ONNX graph and a record of
 what it ran. ``write_peer_folder`` turns that into a folder our runners open, the same shape as a
 quantized candidate (``model.onnx``, the teacher's tokenizer and config, ``bertshrink.json``), written
-through the model-folder API. ``current_peers`` lists the peer folders made from the teacher that is
-there now: a peer of an earlier teacher would not be a like-for-like comparison.
+through the model-folder API. ``bertshrink.modelfolder.peers`` finds them again.
 """
 
 from __future__ import annotations
@@ -17,12 +16,11 @@ import onnx
 from bertshrink.compression.onnx_export import copy_tokenizer_and_config, op_counts
 from bertshrink.compression.quantize_onnx import smoke_test, int8_initializer_fraction
 from bertshrink.errors import MissingArtifactError
-from bertshrink.modelfolder.files import CONFIG_FILE, ONNX_FILE, ORT_BACKEND
+from bertshrink.modelfolder.files import ONNX_FILE, ORT_BACKEND
 from bertshrink.modelfolder.load import load_tokenizer
-from bertshrink.modelfolder.meta import ModelMeta, meta_path, read_meta, read_meta_or_default, write_folder
+from bertshrink.modelfolder.meta import ModelMeta, read_meta_or_default, write_folder
+from bertshrink.modelfolder.peers import PEER_KIND
 from bertshrink.modelfolder.size import content_fingerprint
-
-PEER_KIND = "peer"
 
 
 def write_peer_folder(onnx_path: Path, teacher_dir: Path, out_dir: Path, peer: dict) -> Path:
@@ -51,27 +49,3 @@ def write_peer_folder(onnx_path: Path, teacher_dir: Path, out_dir: Path, peer: d
                          peer={**peer, "teacher_fingerprint": content_fingerprint(teacher_dir)})
 
     return write_folder(Path(out_dir), fill)
-
-
-def peer_folders(root: Path) -> list[Path]:
-    """Folders under ``root`` whose metadata says they are peers, by name."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
-            and (d / CONFIG_FILE).is_file() and meta_path(d).is_file() and read_meta(d).kind == PEER_KIND]
-
-
-def current_peers(root: Path, teacher_dir: Path) -> tuple[list[Path], dict[str, str]]:
-    """(peer folders made from ``teacher_dir`` as it is now, {name: why skipped} for the others)."""
-    folders = peer_folders(root)
-    if not folders:
-        return [], {}
-    teacher = content_fingerprint(teacher_dir)
-    current, skipped = [], {}
-    for folder in folders:
-        if (read_meta(folder).peer or {}).get("teacher_fingerprint") == teacher:
-            current.append(folder)
-        else:
-            skipped[folder.name] = f"made from another teacher than {teacher_dir}: run benchmarks/peers.py again"
-    return current, skipped
