@@ -24,9 +24,15 @@ test: install         ## the whole test suite (offline, ~minutes on 2 cores)
 test-unit: install    ## the fast unit tests alone (no slow or end-to-end tests; under a minute)
 	$(PY) -m pytest -q -m "not slow and not e2e"
 
-bench: install        ## SST-2 benchmark (../shared/datasets/sst2, configs/sst2.yaml, ~70 min on 2 cores) -> BENCHMARKS.md
+# bench: the pipeline; then the peer tools (Optimum, Olive), each by its own code in its own venv under
+# bench/.venvs/ (made on first use: python3.11, the CPU torch wheel pinned), written as model folders under
+# models/sst2/peers/ and evaluated by our code; then one interleaved timing of every model, peers included;
+# then the write-up. A failed recipe or peer still gets its write-up; the exit status says it failed.
+bench: install        ## SST-2 benchmark (../shared/datasets/sst2, configs/sst2.yaml, ~70 min + peers on 2 cores) -> BENCHMARKS.md
 	$(PY) -m flows.pipeline --params configs/sst2.yaml; status=$$?; \
-	$(PY) benchmarks/sst2.py --params configs/sst2.yaml && exit $$status   # a failed recipe still gets its write-up
+	$(PY) benchmarks/peers.py --params configs/sst2.yaml || status=1; \
+	$(PY) -m flows.compare --params configs/sst2.yaml --with-peers || status=1; \
+	$(PY) benchmarks/sst2.py --params configs/sst2.yaml && exit $$status
 
 sst2: bench           ## (old name of bench)
 

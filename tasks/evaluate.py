@@ -76,8 +76,11 @@ def evaluate_model_task(model_dir: str, evaluate: EvaluateParams, paths: Artifac
                            paths.disagreements(model_name).parent)
     prepared = load_prepared(paths.prepared)
     result = evaluate_model(Path(model_dir), prepared.splits, evaluate, seed=seed)
+    meta = read_meta_or_default(Path(model_dir))
+    if meta.peer:  # a peer tool's model (benchmarks/peers.py): reports label it with the tool and versions
+        result["peer"] = meta.peer
     result.update({"model": model_name, "evaluation_run_id": run_id, "data_content_hash": prepared.content_hash,
-                   "format": read_meta_or_default(Path(model_dir)).format_label,
+                   "format": meta.format_label,
                    # which model these figures belong to: register and promote refuse them for any other
                    "model_fingerprint": content_fingerprint(Path(model_dir))})
     result, disagreements = add_behaviour(result, prepared, paths, model_name)

@@ -183,7 +183,7 @@ def _sizes(source: Path, quantized: Path) -> dict:
     }
 
 
-def _smoke_test(path: Path) -> None:
+def smoke_test(path: Path) -> None:
     """Build a session once, so a graph ORT cannot run fails here and not at evaluation."""
     try:
         make_session(path, threads=1)
@@ -228,7 +228,7 @@ def quantize_dynamic_onnx(onnx_dir: Path, out_dir: Path, *, per_channel: bool = 
                 "Re-export with optimize=False or exclude the failing nodes (keep_fp32_nodes)."
             ) from err
         work.unlink()
-        _smoke_test(target)
+        smoke_test(target)
         return _finished_meta(tmp, onnx_dir, _entry(
             "dynamic", source, target, start, weight_type="int8", per_channel=bool(per_channel),
             **_kept_fp32_entry(op_types, keep_fp32_op_types, keep_fp32_nodes, excluded)))
@@ -366,7 +366,7 @@ def quantize_static_onnx(onnx_dir: Path, out_dir: Path, calibration_texts: Seque
             ) from err
         work.unlink()
         _remove_augmented_leftovers(tmp)
-        _smoke_test(target)
+        smoke_test(target)
         return _finished_meta(tmp, onnx_dir, _entry(
             "static", source, target, start, method=method, per_channel=bool(per_channel), format=quant_format,
             activation_type="uint8", weight_type="int8", calibration_batches=len(reader),
@@ -424,7 +424,7 @@ def quantize_int4_onnx(onnx_dir: Path, out_dir: Path, *, block_size: int = 32,
         if not replaced:
             raise QuantizationError(f"4-bit quantization of {source} replaced no MatMul (no constant "
                                     "weights found); re-export the model with export_onnx.")
-        _smoke_test(target)
+        smoke_test(target)
         return _finished_meta(tmp, onnx_dir, _entry(
             "weight_only", source, target, start, bits=4, block_size=block_size, symmetric=False,
             matmulnbits_nodes=replaced, keep_fp32_nodes=list(keep_nodes)))

@@ -16,6 +16,7 @@ from bertshrink.modelfolder.files import require_writable
 TEACHER = "teacher"
 FLOOR = "floor"
 CANDIDATES = "candidates"
+PEERS = "peers"
 
 
 def read_json(path: Path) -> dict | None:
@@ -58,6 +59,14 @@ class Artifacts:
 
     def candidate(self, recipe: str) -> Path:
         return Path(self.base.models_dir) / CANDIDATES / recipe
+
+    @property
+    def peers_dir(self) -> Path:
+        """Peer tools' models (benchmarks/peers.py): timed and reported beside ours, never promoted."""
+        return Path(self.base.models_dir) / PEERS
+
+    def peer(self, name: str) -> Path:
+        return self.peers_dir / name
 
     def is_teacher(self, model_dir: Path | str) -> bool:
         return Path(model_dir) == self.teacher
@@ -141,6 +150,14 @@ class Artifacts:
     @property
     def promotion(self) -> Path:
         return Path(self.base.reports_dir) / "promotion.json"
+
+    @property
+    def peers_summary(self) -> Path:
+        """What benchmarks/peers.py ran: each peer's tool versions, seconds, or why it failed."""
+        return Path(self.base.reports_dir) / "peers" / "summary.json"
+
+    def peer_log(self, name: str) -> Path:
+        return Path(self.base.reports_dir) / "peers" / f"{name}.log"
 
     @property
     def report_dir(self) -> Path:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from bertshrink.errors import MissingArtifactError
 from bertshrink.modelfolder.files import META_FILE, TORCH_BACKEND, Format, swapped_in
 
-Kind = Literal["teacher", "distilled", "candidate", "floor", "model"]
+Kind = Literal["teacher", "distilled", "candidate", "floor", "peer", "model"]
 
 
 class ModelMeta(BaseModel):
@@ -65,6 +65,9 @@ class ModelMeta(BaseModel):
     validation_accuracy_by_c: dict[str, float] | None = None
     chosen_c: float | None = None
     vocabulary_size: int | None = None
+    # A peer tool's model (benchmarks/peers.py): the tool and its versions, what it ran, the teacher's
+    # fingerprint. Timed and reported beside ours, never registered or promoted.
+    peer: dict[str, Any] | None = None
 
     def updated(self, **values: Any) -> "ModelMeta":
         """A copy with ``values`` set (validated, so an unknown key fails here)."""

@@ -43,8 +43,28 @@ def _ratio(ours, theirs, inverse: bool) -> float | None:
     return theirs / ours if inverse else ours / theirs
 
 
-def role_of(name: str, baseline: str | None) -> str:
+def role_of(name: str, baseline: str | None, peer: Mapping[str, Any] | None = None) -> str:
+    """teacher, floor, baseline, peer (another tool's model, never promoted) or candidate."""
+    if peer:
+        return "peer"
     return {TEACHER: "teacher", FLOOR: "floor"}.get(name, "baseline" if name == baseline else "candidate")
+
+
+PEER_VERSION_KEYS = ("optimum-onnx", "olive-ai", "transformers", "onnxruntime")
+
+
+def peer_label(peer: Mapping[str, Any] | None) -> str:
+    """``peer: optimum-onnx 0.1.0 (transformers 4.57.6, onnxruntime 1.23.2)``; empty for our own models.
+
+    The tool's own version first, then the libraries that shape its graph; a fallback is said.
+    """
+    if not peer:
+        return ""
+    versions = peer.get("versions") or {}
+    tool = peer.get("tool", "?")
+    others = [f"{k} {versions[k]}" for k in PEER_VERSION_KEYS if k != tool and k in versions]
+    label = f"peer: {tool} {versions.get(tool, '?')}" + (f" ({', '.join(others)})" if others else "")
+    return label + (f"; {peer['fallback']}" if peer.get("fallback") else "")
 
 
 def large_batch(latency: Mapping[str, Any]) -> int | None:
@@ -58,13 +78,15 @@ def model_row(result: Mapping[str, Any], latency: Mapping[str, Any] | None, base
     latency = latency or result.get("latency") or {}
     big = large_batch(latency)
     name = result.get("model", "?")
+    peer = result.get("peer")
 
     def lat(batch: int, key: str):
         return lookup(latency, f"batch_{batch}.{key}")
 
     size, params = lookup(result, "size.total_bytes"), result.get("parameters")
     return {
-        "model": name, "role": role_of(name, baseline), "format": result.get("format", ""),
+        "model": name, "role": role_of(name, baseline, peer), "peer": peer_label(peer),
+        "format": result.get("format", ""),
         "accuracy": lookup(result, "metrics.test.accuracy"), "macro_f1": lookup(result, "metrics.test.macro_f1"),
         "retention": lookup(result, "behaviour.retention"), "agreement": lookup(result, "behaviour.agreement"),
         "val_accuracy": lookup(result, "selection.accuracy"), "val_retention": lookup(result, "selection.retention"),
@@ -92,7 +114,8 @@ def report_rows(results: Sequence[Mapping[str, Any]], comparison: Mapping[str, A
     """One row per evaluated model (teacher first), with ratios to the teacher and to ``baseline``."""
     compared = (comparison or {}).get("models", {})
     rows = [model_row(r, (compared.get(r.get("model")) or {}).get("latency"), baseline) for r in results]
-    rows.sort(key=lambda r: (r["role"] != "teacher", r["role"] != "baseline", r["role"] != "floor"))
+    # the teacher, the baseline, the peers beside it, the floor, then our recipes
+    rows.sort(key=lambda r: (r["role"] != "teacher", r["role"] != "baseline", r["role"] != "peer", r["role"] != "floor"))
     with_ratios(rows, TEACHER, "teacher")
     with_ratios(rows, baseline or "", "base")
     for stem, (x, _, _) in PLOTS.items():
@@ -153,7 +176,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["model"], r["role"], r.get("format") or "",
+            r["model"], r.get("peer") or r["role"], r.get("format") or "",
             _fmt(r["accuracy"], "acc") + _seeds_cell(r.get("seeds")), _fmt(r["macro_f1"], "acc"),
             _fmt(r["retention"], "pct"), _fmt(r["agreement"], "pct"), _fmt(r.get("val_accuracy"), "acc"),
             _fmt(r.get("val_retention"), "pct"), _fmt(r["size_mb"], "mb"),
@@ -197,7 +220,7 @@ def _column_name(group: str, key: str) -> str:
 
 
 MARKERS = {"teacher": ("*", "#d62728", 260), "baseline": ("D", "#ff7f0e", 110), "floor": ("s", "#7f7f7f", 100),
-           "candidate": ("o", "#1f77b4", 70)}
+           "peer": ("^", "#9467bd", 100), "candidate": ("o", "#1f77b4", 70)}
 
 
 def plot_tradeoff(rows: Sequence[Mapping[str, Any]], x_key: str, x_label: str, path: Path, title: str,
