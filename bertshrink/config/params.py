@@ -129,10 +129,14 @@ class EvaluateParams(_Section):
     # other processes' load beyond load_tolerance_cores, or a p95 above max_tail_ratio x p50 (null = no
     # check) mark the timing noisy; it is then timed again up to noise_retries times, and marked if still noisy.
     rounds: int = Field(4, ge=1, le=1000)
-    ratio_tolerance: float = Field(0.15, gt=0.0, le=10.0)
+    # Rounds of 5 batches jitter on a calm machine too: a fresh `make run` (other processes 0.01-0.03
+    # cores busy) saw per-round ratio spreads up to 34% at batch 1 and 26% at batch 32, so 0.15 flagged
+    # every calm run. The load measurement is the direct sign of contention; the spread catches gross
+    # cases only (a busy loop beside it: 29-175%).
+    ratio_tolerance: float = Field(0.5, gt=0.0, le=10.0)
     load_tolerance_cores: float = Field(0.25, ge=0.0, le=256.0)
     max_tail_ratio: float | None = Field(5.0, gt=1.0)
-    noise_retries: int = Field(2, ge=0, le=10)
+    noise_retries: int = Field(1, ge=0, le=10)
 
     @model_validator(mode="after")
     def _batch_sizes_positive(self) -> "EvaluateParams":
