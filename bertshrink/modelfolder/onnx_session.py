@@ -27,8 +27,10 @@ def make_session(onnx_path: Path, threads: int):
 
 # Inputs of at most this many tokens (batch x sequence) run on a one-thread session. Without spinning,
 # every parallel operator wakes the pool's sleeping threads, a fixed cost per node that small
-# inputs pay with no arithmetic to split (measured on 2 cores: see README, "Per-inference overhead").
-SMALL_INPUT_TOKENS = 64
+# inputs pay with no arithmetic to split. Measured on 2 idle cores (benchmarks/overhead.py, an SST-2
+# tiny-int8 shape, 3 runs): one thread wins at 3 and 12 tokens in every run, ties at 24, and loses
+# at 48 in 2 of 3 (README, "Per-inference overhead").
+SMALL_INPUT_TOKENS = 32
 # The second session holds its own copy of the weights: only small graphs get one.
 SMALL_INPUT_SESSION_MAX_BYTES = 64 * 2**20
 
