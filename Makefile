@@ -21,7 +21,7 @@ run: install          ## the whole pipeline on params.yaml (MLflow parent run + 
 test: install         ## the whole test suite (offline, ~minutes on 2 cores)
 	$(PY) -m pytest -q
 
-test-unit: install    ## the fast unit tests alone (no slow or end-to-end tests; under a minute)
+test-unit: install    ## the fast unit tests alone (no slow or end-to-end tests; about 2 minutes)
 	$(PY) -m pytest -q -m "not slow and not e2e"
 
 # bench: the pipeline; then the peer tools (Optimum, Olive), each by its own code in its own venv under
