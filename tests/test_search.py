@@ -78,6 +78,9 @@ def test_a_trial_becomes_the_recipe_its_values_say():
                       "calibration": {"split": "train", "rows": 128, "method": "minmax"},
                       "keep_fp32": ["SkipLayerNormalization"]}},
     ]
+    grouped = recipe_steps({**values, "group_by_length": True}, MINILM)[3]["distill"]
+    assert grouped["group_by_length"] is True   # and False leaves the knob at its default (absent)
+    assert "group_by_length" not in recipe_steps({**values, "group_by_length": False}, MINILM)[3]["distill"]
     # the proxy runs the same recipe with its own short distillation
     proxy = recipe_steps(values, MINILM, distill_epochs=0.5)
     assert proxy[3]["distill"]["epochs"] == 0.5 and proxy[:3] == recipe_steps(values, MINILM)[:3]

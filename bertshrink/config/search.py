@@ -38,6 +38,7 @@ class SearchSpace(Knobs):
     epochs: tuple[float, ...] = (1.0, 2.0)             # distillation epochs of the full budget
     learning_rate: tuple[float, ...] = (1e-4,)
     transfer: tuple[bool, ...] = (False,)               # distil on data.transfer_samples' texts too (if any)
+    group_by_length: tuple[bool, ...] = (False,)        # length-grouped batches (2x per epoch on SST-2; see knobs)
     # none = PyTorch fp32; dynamic / static = ONNX int8; mixed = per-layer precision (mixed_precision step)
     quantize: tuple[QuantChoice, ...] = ("none", "dynamic", "static")
     precision_bits: tuple[float, ...] = (6.0, 12.0)     # mixed: average bits per encoder weight (< 8: int4/int8)

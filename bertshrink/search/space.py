@@ -187,6 +187,7 @@ DIMENSIONS: tuple[Dimension, ...] = (
     Dimension("epochs", lambda s, c: s.epochs, _distill_option("epochs")),
     Dimension("transfer", lambda s, c: s.transfer if c.transfer_available else (False,),
               _distill_option("transfer", skip_zero=True)),
+    Dimension("group_by_length", lambda s, c: s.group_by_length, _distill_option("group_by_length", skip_zero=True)),
     Dimension("prune_vocab", lambda s, c: s.prune_vocab, _apply_vocab),
     Dimension("quantize", lambda s, c: s.quantize, _apply_quantize),
     Dimension("precision_bits", lambda s, c: s.precision_bits, _apply_precision_bits, _mixed),
