@@ -129,7 +129,8 @@ def run_peer(peer: Peer, params: Params) -> dict:
     """Set up, run and fold in one peer; returns its summary entry (``status`` ok or failed)."""
     paths = Artifacts(params.base)
     log = paths.peer_log(peer.name)
-    work = paths.checkpoints("peers", peer.name)
+    # Absolute: the peer runs with its work folder as cwd, so a relative path would nest in itself.
+    work = paths.checkpoints("peers", peer.name).resolve()
     started = time.perf_counter()
     entry = {"name": peer.name, "venv": str(VENVS / peer.venv), "requirements": list(peer.requirements),
              "log": str(log), "folder": str(paths.peer(peer.name))}
@@ -137,7 +138,7 @@ def run_peer(peer: Peer, params: Params) -> dict:
         python = ensure_venv(peer, paths.peer_log(f"{peer.venv}-pip"))
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        command = peer.command(python, paths.teacher, work, write_validation(params, work),
+        command = peer.command(python, paths.teacher.resolve(), work, write_validation(params, work),
                                params.registry.min_retention)
         with log.open("w") as out:
             out.write(f"$ {' '.join(command)}\n")
