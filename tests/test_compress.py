@@ -6,19 +6,16 @@ import pytest
 import torch
 
 from bertshrink.compression.recipe import run_recipe
-from bertshrink.config.params import TeacherParams, parse_params
+from bertshrink.config.params import parse_params
 from bertshrink.modelfolder.load import load_folder
 from bertshrink.modelfolder.meta import read_meta
 from bertshrink.modelfolder.runners import OnnxClassifier, TorchClassifier, open_model
-from bertshrink.training.finetune import train_teacher
+from conftest import train_tiny_teacher
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, tiny_bert, prepared):
-    root = tmp_path_factory.mktemp("teacher")
-    params = TeacherParams(model=str(tiny_bert), max_length=32, epochs=20, batch_size=8, learning_rate=3e-3,
-                           warmup_ratio=0.0, save_steps=1000)
-    return train_teacher(prepared, params, root / "teacher", root / "ckpt", seed=0).model_dir
+    return train_tiny_teacher(tiny_bert, prepared, tmp_path_factory.mktemp("teacher")).model_dir
 
 
 def recipe(raw):

@@ -11,17 +11,16 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from bertshrink.config.params import TeacherParams
 from bertshrink.config.recipes import DistillStep
 from bertshrink.modelfolder.meta import read_meta
 from bertshrink.modelfolder.size import count_parameters
 import bertshrink.training.distill as distill_module
 from bertshrink.training.distill import distill, init_student_from_teacher, uniform_layer_map
-from bertshrink.training.finetune import tokenize_frame, train_teacher
+from bertshrink.training.finetune import tokenize_frame
 from bertshrink.training.teacher_logits import cached_teacher_logits
 from bertshrink.training.losses import (attention_loss, embedding_mse_loss, hidden_mse_loss, kd_logits_loss,
                                         labelled_cross_entropy)
-from conftest import build_tiny_bert, tiny_bert_model, toy_corpus
+from conftest import build_tiny_bert, tiny_bert_model, toy_corpus, train_tiny_teacher
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -198,9 +197,7 @@ def trained_teacher(tmp_path_factory, prepared):
     """A 4-layer tiny BERT (toy vocab) fine-tuned to ~100% on the toy corpus."""
     root = tmp_path_factory.mktemp("distill")
     encoder = build_tiny_bert(root / "encoder4", layers=4)  # a bare encoder, as the packaged teacher source is
-    params = TeacherParams(model=str(encoder), max_length=32, epochs=20, batch_size=8, learning_rate=3e-3,
-                           warmup_ratio=0.0, logging_steps=50, save_steps=10_000)
-    result = train_teacher(prepared, params, root / "teacher", root / "teacher-ckpt", seed=0)
+    result = train_tiny_teacher(encoder, prepared, root, logging_steps=50, save_steps=10_000)
     assert result.metrics["eval_accuracy"] >= 0.9
     return result.model_dir
 

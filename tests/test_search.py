@@ -25,6 +25,7 @@ from bertshrink.search.front import (Scored, constraint_margins, nondominated_ra
 from bertshrink.search.space import (SpaceContext, layers_kept, recipe_problems, recipe_steps, recipe_yaml,
                                      suggest)
 from bertshrink.search.study import FULL, OWNER, PROXY, RETRY_OF, SearchStudy, owner_gone, study_key
+from conftest import train_tiny_teacher
 
 MINILM = SpaceContext(Shape(layers=6, heads=12, embedding_width=384, weight_layers=6))
 
@@ -252,13 +253,7 @@ TINY_SPACE = {"layers": [1, 2], "layer_choice": ["spread", "bottom"], "head_rati
 
 @pytest.fixture(scope="module")
 def trained_teacher(tmp_path_factory, tiny_bert, prepared):
-    from bertshrink.config.params import TeacherParams
-    from bertshrink.training.finetune import train_teacher
-
-    root = tmp_path_factory.mktemp("search-teacher")
-    params = TeacherParams(model=str(tiny_bert), max_length=32, epochs=20, batch_size=8, learning_rate=3e-3,
-                           warmup_ratio=0.0, save_steps=1000)
-    return train_teacher(prepared, params, root / "teacher", root / "ckpt", seed=0).model_dir
+    return train_tiny_teacher(tiny_bert, prepared, tmp_path_factory.mktemp("search-teacher")).model_dir
 
 
 @pytest.fixture
