@@ -32,7 +32,7 @@ from flows.evaluate_candidate import evaluate_candidate_flow
 from flows.floor import floor_flow
 from flows.prepare import prepare_flow
 from flows.promote import promote_flow
-from flows.register import register_flow
+from flows.register import evaluate_and_register, register_flow
 from flows.report import report_flow
 from flows.search import search_flow
 from flows.teacher import teacher_flow
@@ -89,14 +89,10 @@ def record_in_dvc(stages: list[str]) -> None:
 
 def evaluate_and_register_candidates(params: Params, parent: str, compressed: dict) -> tuple[list, list, dict]:
     """Each candidate through the teacher's evaluate and register code; a failure skips only that one."""
-    results, registered, failed = [], [], dict(compressed["failed"])
-    for candidate in compressed["succeeded"]:
-        try:
-            results += evaluate_candidate_flow(params, parent, [candidate["recipe"]])
-            registered += register_flow(params, parent, [candidate["model_dir"]])
-        except Exception as err:  # one broken candidate must not stop the others
-            failed[candidate["recipe"]] = f"evaluate/register: {type(err).__name__}: {err}"
-    return results, registered, failed
+    results, registered, failed = evaluate_and_register(
+        params, parent, {c["recipe"]: c["model_dir"] for c in compressed["succeeded"]},
+        lambda recipe, _: evaluate_candidate_flow(params, parent, [recipe]))
+    return results, registered, {**compressed["failed"], **failed}
 
 
 def run_search(params: Params, parent: str, failed: dict[str, str]) -> dict | None:

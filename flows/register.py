@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow
@@ -76,6 +77,20 @@ def register_flow(params: Params, parent_run_id: str | None = None, model_dirs: 
                 str(paths.registry_record(model_name(model_dir))),
             ))
     return records
+
+
+def evaluate_and_register(params: Params, parent_run_id: str | None, model_dirs: dict[str, str],
+                          evaluate: Callable[[str, str], list]) -> tuple[list, list, dict]:
+    """Each ``name -> model_dir`` through ``evaluate(name, model_dir)`` then this stage; a failure skips
+    only that model. Returns (evaluation results, registration records, {name: why it failed})."""
+    results, registered, failed = [], [], {}
+    for name, model_dir in model_dirs.items():
+        try:
+            results += evaluate(name, model_dir)
+            registered += register_flow(params, parent_run_id, [model_dir])
+        except Exception as err:  # one broken model must not stop the others
+            failed[name] = f"evaluate/register: {type(err).__name__}: {err}"
+    return results, registered, failed
 
 
 if __name__ == "__main__":

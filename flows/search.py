@@ -34,7 +34,7 @@ from bertshrink.search.study import (FULL, PROXY, PROXY_TRIAL, SCORES, Budget, S
                                      printable_storage, study_key)
 from flows._cli import run_stage
 from flows.evaluate import evaluate_flow
-from flows.register import register_flow
+from flows.register import evaluate_and_register
 from tasks.search import PASTE_PREFIX, search_trial
 from tracking.runs import log_artifact, log_metrics, log_params, set_tags, stage_run
 
@@ -156,14 +156,8 @@ def write_front(job: SearchJob, front: Front, members: list[dict], winners: list
 
 def evaluate_and_register_members(params: Params, parent_run_id: str, members: list[dict]) -> tuple[list, list, dict]:
     """Each member through the recipes' evaluate and register code (alias ``search-<k>``)."""
-    results, registered, failed = [], [], {}
-    for member in members:
-        try:
-            results += evaluate_flow(params, parent_run_id, [member["model_dir"]])
-            registered += register_flow(params, parent_run_id, [member["model_dir"]])
-        except Exception as err:  # one broken member must not stop the others
-            failed[member["name"]] = f"evaluate/register: {type(err).__name__}: {err}"
-    return results, registered, failed
+    return evaluate_and_register(params, parent_run_id, {m["name"]: m["model_dir"] for m in members},
+                                 lambda _, model_dir: evaluate_flow(params, parent_run_id, [model_dir]))
 
 
 def open_search(params: Params, paths: Artifacts, run_id: str) -> SearchJob:
