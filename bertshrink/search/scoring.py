@@ -20,7 +20,7 @@ from bertshrink.compression.recipe import run_recipe
 from bertshrink.config.params import EvaluateParams
 from bertshrink.config.recipes import Recipe
 from bertshrink.data.prepare import PreparedData
-from bertshrink.evaluation.behaviour import agreement
+from bertshrink.evaluation.behaviour import fidelity
 from bertshrink.evaluation.latency import fixed_threads, measure_latency
 from bertshrink.evaluation.metrics import classification_metrics
 from bertshrink.modelfolder.files import new_sibling_dir, replace_dir
@@ -93,14 +93,14 @@ def score_model(model_dir: Path, prepared: PreparedData, reference: Reference, e
     """Validation accuracy, retention and agreement against the teacher, batch-1 latency, size."""
     validation = prepared.splits["validation"]
     runner, predictions = predict_validation(model_dir, validation, evaluate)
-    accuracy = classification_metrics(validation["label"].to_numpy(), predictions, runner.num_labels)["accuracy"]
+    # the evaluate stage's own figures (its ``selection`` block), so search and promotion agree
+    figures = fidelity(validation["label"].to_numpy(), predictions, list(reference.predictions), reference.accuracy)
     texts = validation["text"].astype(str).tolist()
     quick = _quick(evaluate, latency_iterations)
     quick = quick.model_copy(update={"max_length": min(quick.max_length, runner.max_length_limit)})
     latency = measure_latency(runner, runner.tokenizer, texts, 1, quick, seed)
     size = size_on_disk(Path(model_dir))["total_bytes"]
-    return {"accuracy": accuracy, "retention": accuracy / reference.accuracy if reference.accuracy else None,
-            "agreement": agreement(predictions, list(reference.predictions)),
+    return {"accuracy": figures["accuracy"], "retention": figures.get("retention"), "agreement": figures["agreement"],
             "p50_ms": latency["p50_ms"], "p95_ms": latency["p95_ms"], "size_mb": size / 1e6,
             "parameters": runner.num_parameters()}
 
