@@ -21,7 +21,9 @@ CONFIG_FILE = "config.json"            # transformers' config (the floor writes 
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_WEIGHTS_FILE = "pytorch_model.bin"  # torchao int8 state dicts (tensor subclasses safetensors cannot hold)
 ONNX_FILE = "model.onnx"
-FLOOR_FILE = "model.joblib"            # the TF-IDF + logistic regression floor
+FLOOR_FILE = "floor.npz"               # the TF-IDF + logistic regression floor: its arrays (no pickles)
+FLOOR_SPEC_FILE = "floor.json"         # ... its vocabulary and hyper-parameters
+LEGACY_FLOOR_FILE = "model.joblib"     # the floor's old pickle: refused, never loaded
 TORCH_WEIGHT_FILES = frozenset({SAFETENSORS_FILE, TORCH_WEIGHTS_FILE, "model.safetensors.index.json",
                                 "pytorch_model.bin.index.json"})
 

@@ -20,7 +20,7 @@ import onnx
 import torch
 
 from bertshrink.errors import MissingArtifactError, ModelSourceError
-from bertshrink.modelfolder.files import CONFIG_FILE, FLOOR_FILE, ONNX_FILE, TORCH_WEIGHT_FILES
+from bertshrink.modelfolder.files import CONFIG_FILE, FLOOR_FILE, LEGACY_FLOOR_FILE, ONNX_FILE, TORCH_WEIGHT_FILES
 from bertshrink.modelfolder.floor_format import PassThroughTokenizer, floor_parameters, load_floor
 from bertshrink.modelfolder.load import load_classifier, load_tokenizer
 from bertshrink.modelfolder.onnx_session import SizedSessions
@@ -93,7 +93,8 @@ class OnnxClassifier(_TextRunner):
 
 
 class SklearnClassifier(_TextRunner):
-    """Runs the floor (``model.joblib``: TF-IDF + logistic regression); featurisation is inside ``forward``."""
+    """Runs the floor (``floor.npz`` + ``floor.json``: TF-IDF + logistic regression); featurisation is inside
+    ``forward``."""
 
     return_tensors = "np"
 
@@ -146,7 +147,7 @@ def open_model(model_dir: Path, threads: int = 1):
     # Checked before torch weights, since an export folder may also keep them.
     if ONNX_FILE in names:
         return OnnxClassifier(model_dir, threads)
-    if FLOOR_FILE in names:
+    if FLOOR_FILE in names or LEGACY_FLOOR_FILE in names:  # an old pickled floor: load_floor refuses it by name
         return SklearnClassifier(model_dir)
     if names & TORCH_WEIGHT_FILES:
         return TorchClassifier(model_dir)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from bertshrink.modelfolder.files import CONFIG_FILE, META_FILE
+from bertshrink.modelfolder.files import CONFIG_FILE, FLOOR_SPEC_FILE, META_FILE
 
 # Weight files a user ships; ``*.onnx.data`` / ``*.onnx_data`` hold external ONNX tensors.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx.data", ".onnx_data", ".joblib")
-CONFIG_FILES = frozenset({CONFIG_FILE, "generation_config.json", "model.safetensors.index.json",
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx.data", ".onnx_data", ".npz")
+CONFIG_FILES = frozenset({CONFIG_FILE, FLOOR_SPEC_FILE, "generation_config.json", "model.safetensors.index.json",
                           "pytorch_model.bin.index.json"})
 TOKENIZER_FILES = frozenset({
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
