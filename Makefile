@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit repro bench sst2 quant-noise faults families serve-check mlflow-ui clean
+.PHONY: install run test test-unit repro push pull bench sst2 quant-noise faults families serve-check mlflow-ui clean
 
 install: $(STAMP)
 
@@ -50,6 +50,14 @@ quant-noise: install  ## Quant-Noise vs plain PTQ on the teacher of `make run` -
 
 repro: install        ## the same stages through DVC, rerunning only what changed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro   # dvc.yaml stages call `python`: the venv's
+
+# The DVC remote (README "DVC remote"): `dvc remote add -d storage s3://...` once; credentials from the
+# environment or ~/.aws, never in .dvc/config.
+push: install         ## upload every cached output in dvc.lock (prepared data, teacher, floor, candidates)
+	$(PY) -m dvc push
+
+pull: install         ## a worker on a fresh checkout: fetch the prepared data and the teacher
+	$(PY) -m dvc pull prepare teacher
 
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db
