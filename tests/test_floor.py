@@ -170,3 +170,12 @@ def test_a_floor_description_that_does_not_fit_its_arrays_is_refused(floor_dir, 
     (folder / FLOOR_SPEC_FILE).write_text(json.dumps({**spec, "format_version": 99}))
     with pytest.raises(ModelSourceError, match="version-1 floor description"):
         load_floor(folder)
+
+
+def test_a_regression_setting_a_later_scikit_learn_dropped_does_not_block_loading(floor_dir, tmp_path):
+    folder = shutil.copytree(floor_dir, tmp_path / "floor")
+    spec = json.loads((folder / FLOOR_SPEC_FILE).read_text())
+    spec["logreg"]["a_setting_from_another_version"] = 1  # predicting uses only the arrays
+    (folder / FLOOR_SPEC_FILE).write_text(json.dumps(spec))
+    texts = KNOWN + ["striker cup league"]
+    assert np.array_equal(load_floor(folder).predict_log_proba(texts), load_floor(floor_dir).predict_log_proba(texts))

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import sklearn
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
@@ -67,6 +68,7 @@ def floor_spec(pipeline: Pipeline) -> tuple[dict, dict[str, np.ndarray]]:
     tfidf_params = {k: v for k, v in tfidf.get_params().items() if k not in ("vocabulary", "dtype")}
     spec = {
         "format_version": FLOOR_FORMAT_VERSION,
+        "sklearn_version": sklearn.__version__,  # for a reader's diagnosis; loading does not require it
         "tfidf": {**_plain_params("tfidf", tfidf_params), "dtype": np.dtype(tfidf.dtype).name},
         "logreg": _plain_params("logreg", logreg.get_params()),
         "vocabulary": terms,
@@ -133,7 +135,10 @@ def _rebuild(spec: dict, arrays: dict[str, np.ndarray]) -> Pipeline:
     tfidf_params["ngram_range"] = tuple(tfidf_params["ngram_range"])
     tfidf = TfidfVectorizer(**tfidf_params, vocabulary=list(spec["vocabulary"]))
     tfidf.idf_ = arrays["idf"]  # the public setter; it checks the length against the vocabulary
-    logreg = LogisticRegression(**spec["logreg"])
+    # The regression's settings only shape fitting; predicting uses the arrays alone. So a setting this
+    # scikit-learn no longer has (``penalty`` is deprecated in 1.9) is skipped, not an error.
+    known = LogisticRegression().get_params()
+    logreg = LogisticRegression(**{k: v for k, v in spec["logreg"].items() if k in known})
     logreg.classes_, logreg.coef_, logreg.intercept_ = arrays["classes"], arrays["coef"], arrays["intercept"]
     logreg.n_features_in_ = logreg.coef_.shape[1]
     if logreg.coef_.shape[1] != len(spec["vocabulary"]) or logreg.coef_.shape[0] != len(logreg.intercept_):
@@ -160,9 +165,10 @@ def load_floor(model_dir: Path) -> Pipeline:
     spec, arrays = _read_spec(spec_path), _read_arrays(arrays_path)
     try:
         return _rebuild(spec, arrays)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        saved = f", saved with scikit-learn {spec.get('sklearn_version')} (this is {sklearn.__version__})"
         raise _refused(spec_path, f"it does not rebuild into a TF-IDF + logistic regression floor "
-                       f"({type(err).__name__}: {err})") from None
+                       f"({type(err).__name__}: {err}){saved}") from None
 
 
 def floor_parameters(pipeline) -> int:
