@@ -4,11 +4,18 @@ proxied artifacts, and the images match requirements.lock."""
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
+import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,3 +139,103 @@ def test_the_kubernetes_services_match_compose(kind):
         k8s_options, compose_options = options(container["args"]), options(mlflow_command())
         for flag in ("--app-name", "--backend-store-uri", "--artifacts-destination"):
             assert k8s_options[flag] == compose_options[flag]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def basic_auth_server(tmp_path):
+    """`mlflow server --app-name basic-auth` with the compose auth config, on SQLite in tmp_path."""
+    ini = (COMPOSE_DIR / "mlflow-auth.ini").read_text()
+    ini = re.sub(r"^database_uri = .*$", f"database_uri = sqlite:///{tmp_path / 'auth.db'}", ini, flags=re.M)
+    (tmp_path / "basic_auth.ini").write_text(ini)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+           "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": secrets.token_urlsafe(16)}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(name, None)
+    found = options(mlflow_command())
+    server = subprocess.Popen(
+        ["nice", "-n", "19", sys.executable, "-m", "mlflow", "server", "--app-name", found["--app-name"],
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+         "--artifacts-destination", str(tmp_path / "mlartifacts"),
+         # One worker: uvicorn's supervisor kills workers slower to start than its health check.
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"),
+        start_new_session=True)  # the CLI starts uvicorn as a child: stop the whole session
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 420  # a loaded 2-core machine imports slowly
+        while time.monotonic() < deadline:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{uri}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            raise AssertionError("MLflow did not come up:\n" + (tmp_path / "server.log").read_text()[-3000:])
+        yield uri, env["MLFLOW_AUTH_ADMIN_USERNAME"], env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    finally:
+        stop_session(server)
+
+
+def stop_session(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.mark.slow
+def test_only_the_pipeline_user_and_granted_owners_write_to_the_registered_model(basic_auth_server, monkeypatch):
+    """The README's trust note against a real server: READ by default, the creator owns the model,
+    an EDIT grant lets a release owner add versions and move aliases."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    uri, admin, admin_password = basic_auth_server
+    assert requests.get(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10).status_code == 401
+
+    def as_user(name: str, password: str) -> None:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", name)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+    passwords = {name: secrets.token_urlsafe(16) for name in ("bertshrink-pipeline", "release-owner")}
+    as_user(admin, admin_password)
+    auth = get_app_client("basic-auth", tracking_uri=uri)
+    for name, password in passwords.items():
+        auth.create_user(username=name, password=password)
+
+    client, model, source = MlflowClient(tracking_uri=uri), "bertshrink-classifier", "s3://bertshrink-test/model"
+    as_user("bertshrink-pipeline", passwords["bertshrink-pipeline"])
+    client.create_registered_model(model)
+    client.create_model_version(model, source)
+
+    as_user("release-owner", passwords["release-owner"])
+    assert client.get_registered_model(model).name == model          # READ by default
+    for write in (lambda: client.create_model_version(model, source),
+                  lambda: client.set_registered_model_alias(model, "champion", "1")):
+        with pytest.raises(MlflowException, match="PERMISSION_DENIED|Permission denied"):
+            write()
+
+    as_user(admin, admin_password)
+    auth.grant_user_permission(username="release-owner", resource_type="registered_model",
+                               resource_id=model, permission="EDIT")
+    as_user("release-owner", passwords["release-owner"])
+    assert client.create_model_version(model, source).version == "2"
+    client.set_registered_model_alias(model, "champion", "2")
+    assert client.get_model_version_by_alias(model, "champion").version == "2"
