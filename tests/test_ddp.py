@@ -85,6 +85,18 @@ def _accuracy(folder, prepared, split="validation") -> float:
     return float((predicted == frame["label"].to_numpy()).mean())
 
 
+@pytest.mark.slow
+def test_one_process_trains_here_on_every_row(tmp_path, prepared, tiny_bert):
+    """processes: 1 trains in this process, as before the knob: no job folder, all rows each epoch."""
+    params = TeacherParams(model=str(tiny_bert), max_length=32, epochs=2, batch_size=8, save_steps=10_000)
+    result = train_teacher(prepared, params, tmp_path / "teacher", tmp_path / "ckpt", 0,
+                           distributed=DistributedKnobs(processes=1, backend="gloo"))
+    assert result.distributed["world_size"] == 1 and result.distributed["backend"] is None
+    assert result.distributed["examples_per_rank"] == [len(prepared.splits["train"]) * 2]
+    assert result.distributed["trained_module"] == "BertForSequenceClassification"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher"]
+
+
 @pytest.fixture(scope="module")
 def ddp_teacher(tmp_path_factory, prepared):
     """conftest's toy teacher (``train_tiny_teacher``'s knobs), fine-tuned by 2 gloo processes:

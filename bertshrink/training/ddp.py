@@ -77,15 +77,19 @@ def gather(value: Any) -> list[Any]:
     return values
 
 
-def average_gradients(module: torch.nn.Module) -> None:
-    """Average ``module``'s gradients over the ranks on every backward pass.
+def keep_in_sync(module: torch.nn.Module) -> None:
+    """Start ``module`` from rank 0's weights and average its gradients over the ranks on every
+    backward pass.
 
     For trained parameters outside the DDP-wrapped model (the distillation projections): DDP
-    averages only the model's own, and unsynchronised copies would drift apart on each rank.
+    does both only for the model it wraps, and unsynchronised copies would drift apart.
     """
     if not is_distributed():
         return
     ranks = world_size()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            dist.broadcast(parameter.data, src=0)
 
     def averaged(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()

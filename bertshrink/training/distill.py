@@ -110,7 +110,7 @@ class DistillationTrainer(GuardedTrainer):
     ``self.projections``, outside the student, so they are trained (added to the optimizer) but
     never saved with it. The last step's weighted-out components are in ``last_loss_components``.
     Under DDP only the student is wrapped: the teacher is frozen (nothing to synchronise), and the
-    projections' gradients are averaged over the ranks by hooks (``ddp.average_gradients``).
+    projections start from rank 0's weights and their gradients are averaged by hooks (``ddp.keep_in_sync``).
     """
 
     def __init__(self, *args, teacher, weights: dict[str, float], layer_map: list[int] | None = None,
@@ -142,7 +142,7 @@ class DistillationTrainer(GuardedTrainer):
             if self.weights["embedding"] > 0:
                 self.projections["embedding"] = nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size)
         self.projections.to(self.args.device)
-        ddp.average_gradients(self.projections)
+        ddp.keep_in_sync(self.projections)
         self.last_loss_components: dict[str, float] = {}
 
     def create_optimizer(self, model=None):

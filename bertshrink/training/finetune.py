@@ -55,8 +55,9 @@ class GuardedTrainer(Trainer):
     examples_trained = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
-            self.examples_trained += len(inputs["labels"])
+        batch = inputs.get("labels", inputs.get("input_ids"))
+        if model.training and batch is not None:
+            self.examples_trained += len(batch)
         loss, outputs = self.compute_task_loss(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss.detach()).all():
             raise TrainingError(
