@@ -49,7 +49,8 @@ def compress_flow(params: Params, parent_run_id: str | None = None, recipes: lis
     for name in names:
         try:
             with stage_run(f"compress:{name}", params.registry, parent_run_id) as run_id:
-                succeeded.append(compress_recipe(name, params.compress.recipes[name], paths, params.base.seed, run_id))
+                succeeded.append(compress_recipe(name, params.compress.recipes[name], paths, params.base.seed, run_id,
+                                                 params.distributed))
         except Exception as err:  # one failing recipe must not stop the others
             failed[name] = f"{type(err).__name__}: {err}"
     summary = {"succeeded": succeeded, "failed": failed}

@@ -12,7 +12,8 @@ from tracking.runs import stage_run
 @flow(name="teacher")
 def teacher_flow(params: Params, parent_run_id: str | None = None) -> dict:
     with stage_run("teacher", params.registry, parent_run_id) as run_id:
-        return train_teacher_task(params.teacher, Artifacts(params.base), params.base.seed, run_id)
+        return train_teacher_task(params.teacher, Artifacts(params.base), params.base.seed, run_id,
+                                  params.distributed)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from bertshrink.compression.recipe import run_recipe
 from bertshrink.config.artifacts import TEACHER, Artifacts
+from bertshrink.config.knobs import DistributedKnobs
 from bertshrink.config.recipes import Recipe
 from bertshrink.data.prepare import load_prepared
 from bertshrink.modelfolder.meta import read_meta
@@ -23,8 +24,10 @@ def teacher_model_version(paths: Artifacts) -> str:
 
 # No retries: a recipe that failed once fails again; the flow reports it and goes on.
 @task(name="compress-recipe", cache_policy=NO_CACHE)
-def compress_recipe(name: str, recipe: Recipe, paths: Artifacts, seed: int, run_id: str) -> dict:
-    """Apply ``recipe`` to the teacher into ``models/candidates/<name>``; log steps to MLflow."""
+def compress_recipe(name: str, recipe: Recipe, paths: Artifacts, seed: int, run_id: str,
+                    distributed: DistributedKnobs | None = None) -> dict:
+    """Apply ``recipe`` to the teacher into ``models/candidates/<name>``; log steps to MLflow.
+    ``distributed`` with more than one process runs its distill steps under torchrun (DDP)."""
     paths.require_writable(paths.candidate(name).parent, paths.checkpoints("compress", name),
                            paths.compress_steps(name).parent)
     prepared = load_prepared(paths.prepared)
@@ -34,7 +37,7 @@ def compress_recipe(name: str, recipe: Recipe, paths: Artifacts, seed: int, run_
     records = run_recipe(name, recipe, paths.teacher, prepared, out, paths.checkpoints("compress", name), seed,
                          int(teacher.max_length or 128),
                          extra_meta={"compress_run_id": run_id, "teacher_model_version": teacher_version},
-                         logits_cache_dir=paths.checkpoints("teacher-logits"))
+                         logits_cache_dir=paths.checkpoints("teacher-logits"), distributed=distributed)
     log_params(run_id, {"recipe": name, **{f"step{r.index}.{r.kind}.{k}": v for r in records for k, v in r.params.items()}})
     for r in records:
         log_metrics(run_id, {f"step{r.index}.parameters_before": r.parameters_before,

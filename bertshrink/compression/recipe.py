@@ -21,6 +21,7 @@ from bertshrink.compression.onnx_export import export_onnx
 from bertshrink.compression.prune import (drop_layers, factorize_embeddings, head_importance, magnitude_prune,
                                           prune_ffn, prune_heads, prune_vocab, select_heads)
 from bertshrink.compression.quantize_torch import quantize_torch
+from bertshrink.config.knobs import DistributedKnobs
 from bertshrink.config.recipes import (MIN_SENSITIVITY_ROWS, DistillStep, DropLayersStep, ExportOnnxStep,
                                        FactorizeEmbeddingsStep, FinetuneStep, MagnitudeStep, MixedPrecisionStep,
                                        PruneFfnStep, PruneHeadsStep, PruneVocabStep, QatStep, QuantizeStep,
@@ -62,6 +63,8 @@ class RecipeContext:
     max_length: int
     # Teacher logits kept across recipes (``training.teacher_logits``); None: one recipe's distill steps only.
     logits_cache_dir: Path | None = None
+    # distill steps train under torchrun with more than one process (the other steps in this one).
+    distributed: DistributedKnobs | None = None
 
 
 def _save(model, tokenizer, source_dir: Path, target: Path) -> None:
@@ -145,8 +148,8 @@ def _distill(step: DistillStep, current: Path, out: Path, ctx: RecipeContext) ->
     student_dir = None if current == ctx.teacher_dir else current
     result = distill(ctx.teacher_dir, ctx.prepared, step, out, ctx.work_dir / f"ckpt-{out.name}",
                      max_length=ctx.max_length, seed=ctx.seed, student_dir=student_dir,
-                     logits_cache_dir=ctx.logits_cache_dir)
-    return {"metrics": result.metrics}
+                     logits_cache_dir=ctx.logits_cache_dir, distributed=ctx.distributed)
+    return {"metrics": result.metrics, **({"distributed": result.distributed} if result.distributed else {})}
 
 
 def _finetune(step: FinetuneStep, current: Path, out: Path, ctx: RecipeContext, train_context=None) -> dict:
@@ -249,17 +252,18 @@ def _parameters(model_dir: Path) -> int:
 
 def run_recipe(name: str, recipe: Recipe, teacher_dir: Path, prepared: PreparedData, output_dir: Path,
                work_dir: Path, seed: int, max_length: int, extra_meta: dict[str, Any] | None = None,
-               logits_cache_dir: Path | None = None) -> list[StepRecord]:
+               logits_cache_dir: Path | None = None, distributed: DistributedKnobs | None = None) -> list[StepRecord]:
     """Apply ``recipe`` to a copy of the teacher; the candidate lands in ``output_dir`` whole.
 
     ``extra_meta`` (e.g. tracking ids) is written into the candidate's ``bertshrink.json``;
-    ``logits_cache_dir`` keeps the teacher's logits for the distill steps of later recipes.
+    ``logits_cache_dir`` keeps the teacher's logits for the distill steps of later recipes;
+    ``distributed`` runs the distill steps under torchrun (DDP) when it asks for more than one process.
     """
     teacher_dir, work_dir = Path(teacher_dir), Path(work_dir)
     recover_leftovers(Path(output_dir))  # a candidate swap a kill interrupted: put the old one back
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
-    ctx = RecipeContext(teacher_dir, prepared, work_dir, seed, max_length, logits_cache_dir)
+    ctx = RecipeContext(teacher_dir, prepared, work_dir, seed, max_length, logits_cache_dir, distributed)
     current, records = teacher_dir, []
     before = _parameters(teacher_dir)
     for index, step in enumerate(recipe.steps):

@@ -78,3 +78,17 @@ class PromotionConstraints(Knobs):
     def constraints(self) -> "PromotionConstraints":
         """Just the constraints of this section."""
         return PromotionConstraints(**{name: getattr(self, name) for name in PromotionConstraints.model_fields})
+
+
+class DistributedKnobs(Knobs):
+    """Data-parallel (DDP) training of the teacher and of distill steps on one machine.
+
+    ``processes`` 1 trains in the calling process, as before. N > 1 starts
+    ``torchrun --standalone --nproc_per_node N`` (one process per GPU, or N CPU processes): each
+    trains on its shard of every batch, gradients are averaged, and rank 0 alone writes the model.
+    ``backend`` auto = nccl when CUDA is present, gloo on CPU. Note that the batch each optimizer
+    step sees grows N-fold (``batch_size`` is per process).
+    """
+
+    processes: int = Field(1, ge=1, le=64)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bertshrink.config.knobs import Knobs, PromotionConstraints, TrainingKnobs
+from bertshrink.config.knobs import DistributedKnobs, Knobs, PromotionConstraints, TrainingKnobs
 from bertshrink.config.recipes import CompressParams
 from bertshrink.config.search import SearchParams
 from bertshrink.errors import ParamsError
@@ -189,6 +189,7 @@ class Params(_Section):
     compress: CompressParams = CompressParams()  # recipes; run by the compress stage (issue 3)
     floor: FloorParams = FloorParams()           # the TF-IDF + logistic regression baseline
     search: SearchParams = SearchParams()        # the automatic recipe search (issue 15)
+    distributed: DistributedKnobs = DistributedKnobs()  # DDP processes for the teacher and distill steps
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -4,7 +4,9 @@ The losses are in ``losses``; how to distill is the typed recipe step ``config.r
 Students are made from the teacher by keeping some of its encoder layers (DistilBERT's
 "every other layer" initialisation, ``init_student_from_teacher``) or loaded from any smaller
 BERT folder. ``distill`` trains one with ``DistillationTrainer`` and saves it in the same model
-folder format as the teacher (``kind: "distilled"``).
+folder format as the teacher (``kind: "distilled"``). With ``distributed.processes`` > 1 it runs
+under torchrun (DDP): the student is wrapped, the frozen teacher stays a plain module on each
+rank's device, and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from transformers import set_seed
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from bertshrink.config.knobs import DistributedKnobs
 from bertshrink.config.recipes import INTERMEDIATE_LOSSES, PREDICTION_LOSSES, DistillStep
 from bertshrink.data.prepare import PreparedData
 from bertshrink.modelfolder.load import load_classifier_with_labels, load_tokenizer
@@ -30,6 +33,7 @@ from bertshrink.modelfolder.size import content_fingerprint, count_parameters
 from bertshrink.modelfolder.structure import keep_layers
 from bertshrink.training.losses import (attention_loss, embedding_mse_loss, hidden_mse_loss, kd_logits_loss,
                                         labelled_cross_entropy)
+from bertshrink.training import ddp
 from bertshrink.training.teacher_logits import LOGITS_COLUMN, cached_teacher_logits, with_teacher_logits
 from bertshrink.training.finetune import (
     GuardedTrainer,
@@ -37,6 +41,8 @@ from bertshrink.training.finetune import (
     _check_finite_weights,
     build_trainer,
     pick_device_and_precision,
+    refuse_in_process_hooks,
+    stage_prepared_data,
     tokenize_frame,
     tokenize_splits,
     training_arguments,
@@ -103,6 +109,8 @@ class DistillationTrainer(GuardedTrainer):
     ``W_e`` for embeddings, TinyBERT) are made when widths differ; they live in
     ``self.projections``, outside the student, so they are trained (added to the optimizer) but
     never saved with it. The last step's weighted-out components are in ``last_loss_components``.
+    Under DDP only the student is wrapped: the teacher is frozen (nothing to synchronise), and the
+    projections start from rank 0's weights and their gradients are averaged by hooks (``ddp.keep_in_sync``).
     """
 
     def __init__(self, *args, teacher, weights: dict[str, float], layer_map: list[int] | None = None,
@@ -134,6 +142,7 @@ class DistillationTrainer(GuardedTrainer):
             if self.weights["embedding"] > 0:
                 self.projections["embedding"] = nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size)
         self.projections.to(self.args.device)
+        ddp.keep_in_sync(self.projections)
         self.last_loss_components: dict[str, float] = {}
 
     def create_optimizer(self, model=None):
@@ -217,7 +226,7 @@ def _use_eager_attention(model) -> str:
 
 def distill(teacher_dir, prepared: PreparedData, step: DistillStep, output_dir, work_dir, *, max_length: int,
             seed: int, student_dir=None, callbacks: list | None = None, train_context=None,
-            logits_cache_dir: Path | None = None) -> TrainResult:
+            logits_cache_dir: Path | None = None, distributed: DistributedKnobs | None = None) -> TrainResult:
     """Distill the classifier in ``teacher_dir`` into a smaller student saved at ``output_dir``.
 
     The student is the teacher cut down to ``step``'s layers, or the model in ``student_dir`` (any
@@ -227,8 +236,16 @@ def distill(teacher_dir, prepared: PreparedData, step: DistillStep, output_dir, 
     leave a plain model behind when it exits. With prediction-layer losses only, the teacher's
     logits on the training texts are computed once (kept in ``logits_cache_dir`` when given, for
     later calls) instead of on every step. Returns ``TrainResult``; ``history`` is the trainer's
-    log history (both stages, in order, when ``two_stage``).
+    log history (both stages, in order, when ``two_stage``). ``distributed`` with more than one
+    process runs it under torchrun (DDP) and returns what rank 0 reported.
     """
+    if ddp.wants_torchrun(distributed):
+        refuse_in_process_hooks("distill", callbacks=callbacks, train_context=train_context)
+        job = {"teacher_dir": str(teacher_dir), "prepared_dir": stage_prepared_data(prepared, work_dir),
+               "step": step.model_dump(mode="json"), "output_dir": str(output_dir), "work_dir": str(work_dir),
+               "max_length": max_length, "seed": seed, "student_dir": None if student_dir is None else str(student_dir),
+               "logits_cache_dir": None if logits_cache_dir is None else str(logits_cache_dir)}
+        return TrainResult.from_json(ddp.run_under_torchrun("distill", job, distributed, Path(work_dir)))
     set_seed(seed)
     device, precision_flags = pick_device_and_precision(step.precision)
     tokenizer = load_tokenizer(teacher_dir, max_length)
@@ -249,16 +266,21 @@ def distill(teacher_dir, prepared: PreparedData, step: DistillStep, output_dir, 
     if step.transfer:
         encoded["train"] = with_transfer_texts(encoded["train"], prepared, tokenizer, max_length)
     if _prediction_losses_only(step):
+        # Every rank computes them; rank 0 alone reads and writes the cache (one writer per file).
+        cache = logits_cache_dir if ddp.is_main_process() else None
         logits, reused = cached_teacher_logits(teacher.to(device), content_fingerprint(teacher_dir), encoded["train"],
-                                               tokenizer, logits_cache_dir, device)
+                                               tokenizer, cache, device)
         encoded["train"] = with_teacher_logits(encoded["train"], logits)
         log.info("Teacher logits for %d training examples %s", len(logits),
                  f"reused from {logits_cache_dir}" if reused else "computed once for every epoch")
     stages = (["intermediate", "prediction"] if step.two_stage else [None])
     work_dir = Path(work_dir)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if ddp.is_main_process():
+        shutil.rmtree(work_dir, ignore_errors=True)
+    ddp.barrier()
     history: list[dict[str, Any]] = []
     metrics: dict[str, float] = {}
+    examples_trained, trained_module, teacher_module, projections = 0, "", "", []
     # The student object stays the same across stages (the Trainer does not copy it).
     with train_context(student) if train_context else contextlib.nullcontext():
         for stage in stages:
@@ -272,10 +294,15 @@ def distill(teacher_dir, prepared: PreparedData, step: DistillStep, output_dir, 
             metrics.update({f"{prefix}{k}": v for k, v in {**train_output.metrics, **eval_metrics}.items()})
             metrics[f"{prefix}train_teacher_passes"] = trainer.teacher_passes
             history.extend({**h, "stage": stage} if stage else h for h in trainer.state.log_history)
+            examples_trained += trainer.examples_trained
+            trained_module, teacher_module = type(trainer.model_wrapped).__name__, type(trainer.teacher).__name__
+            projections.append(trainer.projections)
             student = trainer.model
     if step.two_stage:  # the headline figures are the final (prediction) stage's
         metrics.update({k[len("prediction_"):]: v for k, v in list(metrics.items()) if k.startswith("prediction_")})
     _check_finite_weights(student)
+    summary = ddp.run_summary(examples_trained, trained_module, [student, *projections],
+                              teacher_module=teacher_module)
     if restore_attn is not None and restore_attn != "eager":
         student.set_attn_implementation(restore_attn)
     meta = ModelMeta(
@@ -285,9 +312,12 @@ def distill(teacher_dir, prepared: PreparedData, step: DistillStep, output_dir, 
         data_content_hash=prepared.content_hash, transfer_rows=len(prepared.transfer) if step.transfer else 0,
         max_length=max_length, parameters_before=count_parameters(teacher), parameters_after=count_parameters(student),
         seed=seed, train_metrics=metrics)
-    save_model_folder(student.cpu(), tokenizer, meta, output_dir)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return TrainResult(Path(output_dir), metrics, history, None, device)
+    if ddp.is_main_process():
+        save_model_folder(student.cpu(), tokenizer, meta, output_dir)
+    ddp.barrier()
+    if ddp.is_main_process():
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return TrainResult(Path(output_dir), metrics, history, None, device, summary)
 
 
 def _prediction_losses_only(step: DistillStep) -> bool:

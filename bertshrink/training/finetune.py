@@ -4,7 +4,9 @@
 - checkpoints in a work folder outside the model output, so an interrupted run resumes, and only
   when the checkpoints were made from the same data and params (a fingerprint guards that);
 - a NaN/inf loss stops training with ``TrainingError`` before anything is saved, so the last good
-  model stays where it was.
+  model stays where it was;
+- with ``distributed.processes`` > 1, DDP under torchrun (``ddp``, ``ddp_launch``): rank 0 alone
+  writes the work folder's marker, the model folder and the result.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +28,15 @@ import transformers
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from bertshrink.config.knobs import TrainingKnobs
+from bertshrink.config.knobs import DistributedKnobs, TrainingKnobs
 from bertshrink.config.params import TeacherParams
-from bertshrink.data.prepare import PreparedData
+from bertshrink.data.prepare import PreparedData, write_prepared
 from bertshrink.errors import TrainingError
 from bertshrink.modelfolder import load as model_loading
 from bertshrink.modelfolder.load import load_fine_tuned_classifier, load_tokenizer_and_classifier
 from bertshrink.modelfolder.meta import ModelMeta, save_model_folder
 from bertshrink.modelfolder.structure import encoder_layers
+from bertshrink.training import ddp
 
 FINGERPRINT_FILE = "bertshrink-fingerprint.json"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -45,10 +48,16 @@ class GuardedTrainer(Trainer):
     """A ``Trainer`` that refuses to continue on a non-finite loss.
 
     Checked on every step (not only at logging steps), because one NaN step poisons the weights.
-    Distillation trainers subclass this and override ``compute_task_loss``.
+    Distillation trainers subclass this and override ``compute_task_loss``. ``examples_trained``
+    counts the training examples this process saw (under DDP: its shard).
     """
 
+    examples_trained = 0
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = inputs.get("labels", inputs.get("input_ids"))
+        if model.training and batch is not None:
+            self.examples_trained += len(batch)
         loss, outputs = self.compute_task_loss(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss.detach()).all():
             raise TrainingError(
@@ -74,6 +83,15 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None
     device: str = "cpu"
+    # world_size, backend, examples_per_rank, trained_module (and, distilling, teacher_module)
+    distributed: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "model_dir": str(self.model_dir)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainResult":
+        return cls(**{**data, "model_dir": Path(data["model_dir"])})
 
 
 def pick_device_and_precision(precision: str) -> tuple[str, dict[str, bool]]:
@@ -101,6 +119,16 @@ def fingerprint(params: dict[str, Any], data_hash: str, seed: int) -> str:
     payload = json.dumps({"params": params, "data": data_hash, "seed": seed,
                           "code": _training_code_hash()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _resume_point(work_dir: Path, fp: str, resume: bool) -> str | None:
+    """``_checkpoint_to_resume`` by rank 0 alone (it clears and renames); the other ranks then find
+    the same checkpoint in the folder it left."""
+    found = _checkpoint_to_resume(work_dir, fp, resume) if ddp.is_main_process() else None
+    ddp.barrier()
+    if not ddp.is_main_process() and resume:
+        found = get_last_checkpoint(str(work_dir))
+    return found
 
 
 def _checkpoint_to_resume(work_dir: Path, fp: str, resume: bool) -> str | None:
@@ -179,7 +207,8 @@ NO_CHECKPOINTS = 10**9
 
 def training_arguments(params: TrainingKnobs, work_dir: Path, seed: int, precision_flags: dict, device: str,
                        save_steps: int = NO_CHECKPOINTS) -> TrainingArguments:
-    """transformers' ``TrainingArguments`` from our training knobs."""
+    """transformers' ``TrainingArguments`` from our training knobs (under torchrun: DDP on the
+    process group ``ddp_launch`` joined)."""
     return TrainingArguments(
         output_dir=str(work_dir),
         num_train_epochs=params.epochs,
@@ -201,6 +230,7 @@ def training_arguments(params: TrainingKnobs, work_dir: Path, seed: int, precisi
         disable_tqdm=False,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
+        ddp_backend=ddp.backend(),
         **precision_flags,
     )
 
@@ -221,10 +251,11 @@ def fine_tune(prepared: PreparedData, source: str, knobs: TrainingKnobs, output_
     tokenizer, model = load_tokenizer_and_classifier(source, prepared.label_names, max_length)
     encoded = tokenize_splits(prepared, tokenizer, max_length)
     # What the run's result depends on: a change to any of it starts over instead of resuming.
-    params = {"model": source, "max_length": max_length, "layerdrop": layerdrop,
+    # The world size too: checkpoints of N processes hold N ranks' states and N-fold batches.
+    params = {"model": source, "max_length": max_length, "layerdrop": layerdrop, "world_size": ddp.world_size(),
               **knobs.training_knobs().model_dump(mode="json")}
     fp = fingerprint(params, prepared.content_hash, seed)
-    resume_from = _checkpoint_to_resume(Path(work_dir), fp, resume)
+    resume_from = _resume_point(Path(work_dir), fp, resume)
     if resume_from:
         log.info("Resuming training from %s (same data, params and code).", resume_from)
     args = training_arguments(knobs, Path(work_dir), seed, precision_flags, device, save_steps)
@@ -233,14 +264,18 @@ def fine_tune(prepared: PreparedData, source: str, knobs: TrainingKnobs, output_
         train_output = trainer.train(resume_from_checkpoint=resume_from)
         eval_metrics = trainer.evaluate()
     _check_finite_weights(trainer.model)
+    summary = ddp.run_summary(trainer.examples_trained, type(trainer.model_wrapped).__name__, [trainer.model])
     metrics = {**train_output.metrics, **eval_metrics}
     meta = ModelMeta(kind="teacher", source_model=source, label_names=prepared.label_names, max_length=max_length,
                      data_content_hash=prepared.content_hash, fingerprint=fp, params=knobs.model_dump(mode="json"),
                      seed=seed, train_metrics=metrics).updated(**(extra_meta or {}))
-    save_model_folder(trainer.model.cpu(), tokenizer, meta, output_dir)
-    # Checkpoints exist to resume an interrupted run; once the model is saved they are spent.
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return TrainResult(Path(output_dir), metrics, trainer.state.log_history, resume_from, device)
+    if ddp.is_main_process():
+        save_model_folder(trainer.model.cpu(), tokenizer, meta, output_dir)
+    ddp.barrier()  # no rank still reads the checkpoints when rank 0 removes them
+    if ddp.is_main_process():
+        # Checkpoints exist to resume an interrupted run; once the model is saved they are spent.
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return TrainResult(Path(output_dir), metrics, trainer.state.log_history, resume_from, device, summary)
 
 
 def adopt_teacher(prepared: PreparedData, teacher: TeacherParams, output_dir: Path,
@@ -251,19 +286,49 @@ def adopt_teacher(prepared: PreparedData, teacher: TeacherParams, output_dir: Pa
     meta = ModelMeta(kind="teacher", source_model=teacher.model, label_names=prepared.label_names,
                      max_length=teacher.max_length, data_content_hash=prepared.content_hash,
                      params={"train": False}).updated(**(extra_meta or {}))
-    save_model_folder(model, tokenizer, meta, output_dir)
+    if ddp.is_main_process():  # run by hand under torchrun, every rank gets here
+        save_model_folder(model, tokenizer, meta, output_dir)
     return TrainResult(Path(output_dir), {})
 
 
 def train_teacher(prepared: PreparedData, teacher: TeacherParams, output_dir: Path, work_dir: Path, seed: int,
-                  extra_meta: dict[str, Any] | None = None, callbacks: list | None = None) -> TrainResult:
+                  extra_meta: dict[str, Any] | None = None, callbacks: list | None = None,
+                  distributed: DistributedKnobs | None = None) -> TrainResult:
     """The teacher section's fine-tuning: its model, length, checkpoints, LayerDrop and knobs; or,
-    with ``train: false``, the given classifier as it is."""
+    with ``train: false``, the given classifier as it is. ``distributed`` with more than one
+    process trains under torchrun (DDP) and returns what rank 0 reported."""
     if not teacher.train:
         return adopt_teacher(prepared, teacher, output_dir, extra_meta)
+    if ddp.wants_torchrun(distributed):
+        return _train_teacher_under_torchrun(prepared, teacher, output_dir, work_dir, seed, extra_meta, callbacks,
+                                             distributed)
     return fine_tune(prepared, teacher.model, teacher, output_dir, work_dir, seed, teacher.max_length,
                      save_steps=teacher.save_steps, resume=teacher.resume, layerdrop=teacher.layerdrop,
                      extra_meta=extra_meta, callbacks=callbacks)
+
+
+def _train_teacher_under_torchrun(prepared: PreparedData, teacher: TeacherParams, output_dir: Path, work_dir: Path,
+                                  seed: int, extra_meta: dict[str, Any] | None, callbacks: list | None,
+                                  distributed: DistributedKnobs) -> TrainResult:
+    """``train_teacher`` in ``distributed.processes`` processes (``ddp_launch`` runs it there)."""
+    refuse_in_process_hooks("teacher", callbacks=callbacks)
+    job = {"prepared_dir": stage_prepared_data(prepared, work_dir), "teacher": teacher.model_dump(mode="json"),
+           "output_dir": str(output_dir), "work_dir": str(work_dir), "seed": seed, "extra_meta": extra_meta or {}}
+    return TrainResult.from_json(ddp.run_under_torchrun("teacher", job, distributed, Path(work_dir)))
+
+
+def stage_prepared_data(prepared: PreparedData, work_dir: Path) -> str:
+    """The splits as the launched processes read them: a copy in the job folder (the caller may hold
+    data that is in no folder, e.g. a test's)."""
+    return str(write_prepared(prepared, ddp.job_folder(Path(work_dir)) / "prepared"))
+
+
+def refuse_in_process_hooks(stage: str, **hooks: Any) -> None:
+    """Callbacks and training contexts are Python objects of this process; torchrun's cannot get them."""
+    given = [name for name, hook in hooks.items() if hook is not None]
+    if given:
+        raise TrainingError(f"{stage}: {', '.join(given)} cannot be passed to torchrun's processes; "
+                            "set distributed.processes to 1 for this run.")
 
 
 def _no_context(model) -> AbstractContextManager:
