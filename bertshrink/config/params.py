@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from bertshrink.config.knobs import Knobs, PromotionConstraints, TrainingKnobs
 from bertshrink.config.recipes import CompressParams
+from bertshrink.config.scale_out import ScaleOutParams
 from bertshrink.config.search import SearchParams
 from bertshrink.errors import ParamsError
 
@@ -189,6 +190,7 @@ class Params(_Section):
     compress: CompressParams = CompressParams()  # recipes; run by the compress stage (issue 3)
     floor: FloorParams = FloorParams()           # the TF-IDF + logistic regression baseline
     search: SearchParams = SearchParams()        # the automatic recipe search (issue 15)
+    scale_out: ScaleOutParams = ScaleOutParams()  # recipes as flow runs on a Prefect work pool (issue 16)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
