@@ -84,3 +84,10 @@ def retry_only_transient(task, task_run, state) -> bool:
     """A ``retry_condition_fn`` for the tasks layer's Prefect tasks (called as ``(task, task_run,
     state)``; a failed state's ``data`` is the exception): retry only where it can help."""
     return is_transient(state.data)
+
+
+class ScaleOutError(BertshrinkError):
+    """Recipes cannot spread over workers as configured: no shared tracking server, no deployment,
+    or a recipe's flow run that crashed or was cancelled."""
+
+    exit_code = 10

@@ -7,6 +7,9 @@ flows are what ``dvc repro`` runs one by one. The teacher and the candidates are
 one process, and timed once more side by side (interleaved), so their latency ratios compare. A recipe that fails (in compression, evaluation or
 registration) does not stop the others; the run ends with an error naming it. ``dvc commit`` then
 records what succeeded in ``dvc.lock``, so that a following ``dvc repro`` knows it is done.
+
+On a Prefect server whose work pool has the ``recipe`` deployment, the recipes run there instead, as
+flow runs of their own (``flows/fan_out.py``, the ``scale_out`` section); the rest stays here.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from flows._cli import add_debug_option, run_cli
 from flows.compare import compare_flow
 from flows.compress import compress_flow, recipes_failed, recipes_that_cannot_apply
 from flows.evaluate import evaluate_flow
-from flows.evaluate_candidate import evaluate_candidate_flow
+from flows.fan_out import fan_out_recipes, recipe_deployment
 from flows.floor import floor_flow
 from flows.prepare import prepare_flow
 from flows.promote import promote_flow
-from flows.register import evaluate_and_register, register_flow
+from flows.register import evaluate_and_register_candidates, register_flow
 from flows.report import report_flow
 from flows.search import search_flow
 from flows.teacher import teacher_flow
@@ -87,12 +90,13 @@ def record_in_dvc(stages: list[str]) -> None:
         print("bertshrink: results recorded in dvc.lock; `dvc repro` now reruns only what changes.")
 
 
-def evaluate_and_register_candidates(params: Params, parent: str, compressed: dict) -> tuple[list, list, dict]:
-    """Each candidate through the teacher's evaluate and register code; a failure skips only that one."""
-    results, registered, failed = evaluate_and_register(
-        params, parent, {c["recipe"]: c["model_dir"] for c in compressed["succeeded"]},
-        lambda recipe, _: evaluate_candidate_flow(params, parent, [recipe]))
-    return results, registered, {**compressed["failed"], **failed}
+def run_recipes(params: Params, params_file: str, parent: str, deployment) -> tuple[list, list, dict]:
+    """Every recipe, each candidate evaluated and registered: on the work pool of ``deployment``
+    (``flows/fan_out.py``), or here, one after another, without one."""
+    if deployment is not None:
+        return fan_out_recipes(params, params_file, parent, deployment)
+    compressed = compress_flow(params, parent, raise_on_failure=False)
+    return evaluate_and_register_candidates(params, parent, compressed)
 
 
 def run_search(params: Params, parent: str, failed: dict[str, str]) -> dict | None:
@@ -112,6 +116,7 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
     """Run every stage once; parameters are parsed (and rejected) before any work starts."""
     params: Params = load_params(params_file)
     started = time.time()
+    deployment = recipe_deployment(params)  # before any work: a wrong scale-out setup fails now
     with pipeline_run(params.registry) as parent:
         set_tags(parent, {"params_file": params_file, "git_commit": git_commit()})
         prepare_flow(params, parent)
@@ -121,8 +126,7 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
         registered = register_flow(params, parent)
         if params.floor.enabled:
             results += evaluate_flow(params, parent, [floor_flow(params, parent)["model_dir"]])
-        compressed = compress_flow(params, parent, raise_on_failure=False)
-        candidate_results, candidate_records, failed = evaluate_and_register_candidates(params, parent, compressed)
+        candidate_results, candidate_records, failed = run_recipes(params, params_file, parent, deployment)
         results, registered = results + candidate_results, registered + candidate_records
         searched = run_search(params, parent, failed) if params.search.enabled else None
         if searched:

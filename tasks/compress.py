@@ -10,9 +10,10 @@ from prefect.cache_policies import NONE as NO_CACHE
 from bertshrink.compression.recipe import run_recipe
 from bertshrink.config.artifacts import TEACHER, Artifacts
 from bertshrink.config.knobs import DistributedKnobs
-from bertshrink.config.recipes import Recipe
+from bertshrink.config.recipes import Recipe, recipe_fingerprint
 from bertshrink.data.prepare import load_prepared
 from bertshrink.modelfolder.meta import read_meta
+from bertshrink.modelfolder.size import content_fingerprint
 from tracking.runs import log_artifact, log_metrics, log_params, set_tags
 
 
@@ -36,7 +37,9 @@ def compress_recipe(name: str, recipe: Recipe, paths: Artifacts, seed: int, run_
     teacher_version = teacher_model_version(paths)
     records = run_recipe(name, recipe, paths.teacher, prepared, out, paths.checkpoints("compress", name), seed,
                          int(teacher.max_length or 128),
-                         extra_meta={"compress_run_id": run_id, "teacher_model_version": teacher_version},
+                         extra_meta={"compress_run_id": run_id, "teacher_model_version": teacher_version,
+                                     "teacher_model_fingerprint": content_fingerprint(paths.teacher),
+                                     "recipe_fingerprint": recipe_fingerprint(recipe)},
                          logits_cache_dir=paths.checkpoints("teacher-logits"), distributed=distributed)
     log_params(run_id, {"recipe": name, **{f"step{r.index}.{r.kind}.{k}": v for r in records for k, v in r.params.items()}})
     for r in records:

@@ -18,14 +18,17 @@ from bertshrink.modelfolder.size import content_fingerprint
 from bertshrink.selection.rules import stale_reason
 from tracking.registry import SUMMARY_METRICS, log_model_version, version_tags
 from tracking.runs import log_metrics
+from tracking.transfer import BundleFiles, log_bundle
 
 
 # A tracking server can be briefly unreachable; retrying the whole registration is safe.
 @task(name="register-model", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_only_transient,
       cache_policy=NO_CACHE)
 def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, alias: str, run_id: str,
-                   record_file: str) -> dict:
+                   record_file: str, bundle: BundleFiles | None = None) -> dict:
     """Log + register ``model_dir``; set ``alias``; write the registration record to ``record_file``.
+    ``bundle`` (the folder, metrics, predictions; the prepared data for the teacher) is logged with
+    the version so that another machine can fetch it (``tracking/transfer.py``).
 
     Standard BERT folders use MLflow's transformers flavour; ONNX graphs and restructured ones (pruned
     heads or FFN widths, factorised embeddings, torch-quantized) a pyfunc model that runs them with
@@ -47,6 +50,8 @@ def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, 
     metrics = flat_metrics(result)
     summary = {k: metrics[k] for k in SUMMARY_METRICS if k in metrics}
     info, flavour = log_model_version(model_dir, meta, summary, registry, run_id)
+    if bundle is not None:
+        log_bundle(run_id, bundle)
     log_metrics(run_id, summary)
     version = str(info.registered_model_version)
     client = MlflowClient()

@@ -130,6 +130,8 @@ def version_tags(meta: ModelMeta, result: dict, summary: dict) -> dict:
             "compress_run_id": meta.compress_run_id or "unknown",
             "teacher_training_run_id": meta.teacher_training_run_id or "unknown",
             "teacher_model_version": meta.teacher_model_version or "unknown",
+            "teacher_model_fingerprint": meta.teacher_model_fingerprint or "unknown",
+            "recipe_fingerprint": meta.recipe_fingerprint or "unknown",
             "format": meta.format,
         })
         if meta.search:   # a member of the search's front: false = a flagged front, nothing met the rule

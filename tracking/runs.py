@@ -22,6 +22,7 @@ import psutil
 from mlflow.tracking import MlflowClient
 
 from bertshrink.config.params import RegistryParams
+from bertshrink.errors import ScaleOutError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_DIR = Path("mlruns")
@@ -157,3 +158,17 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     client = MlflowClient()
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value)[:5000])
+
+
+SHARED_SCHEMES = ("http", "https", "databricks")
+
+
+def require_shared_tracking(who: str) -> None:
+    """Workers on other machines must reach the same runs, registry and artifacts: a tracking server
+    (``http(s)://``), not this machine's SQLite file and ``mlruns/`` folder."""
+    scheme = tracking_uri().split(":", 1)[0].lower()
+    if scheme not in SHARED_SCHEMES:
+        raise ScaleOutError(
+            f"{who} needs a shared MLflow tracking server, but MLFLOW_TRACKING_URI is {scheme}:..., which only this "
+            "machine sees. Start one (`make services`) and set MLFLOW_TRACKING_URI=http://<host>:5000 here and "
+            "on every worker.")

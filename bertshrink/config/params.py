@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from bertshrink.config.knobs import DistributedKnobs, Knobs, PromotionConstraints, TrainingKnobs
 from bertshrink.config.recipes import CompressParams
+from bertshrink.config.scale_out import ScaleOutParams
 from bertshrink.config.search import SearchParams
 from bertshrink.errors import ParamsError
 
@@ -190,6 +191,7 @@ class Params(_Section):
     floor: FloorParams = FloorParams()           # the TF-IDF + logistic regression baseline
     search: SearchParams = SearchParams()        # the automatic recipe search (issue 15)
     distributed: DistributedKnobs = DistributedKnobs()  # DDP processes for the teacher and distill steps
+    scale_out: ScaleOutParams = ScaleOutParams()  # recipes as flow runs on a Prefect work pool (issue 16)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

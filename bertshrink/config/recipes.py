@@ -8,6 +8,8 @@ layer, pruning every head) are in ``check_against_teacher``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -412,6 +414,13 @@ def _factorization_once(steps) -> None:
 RESERVED_ALIASES = ("latest", "champion", "challenger")
 # The search's front members are candidates named search-1, search-2, ... (their MLflow aliases too).
 SEARCH_PREFIX = "search-"
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """A short hash of every step and knob of ``recipe``: the registry tells by it whether a recipe
+    already ran as it is written now (a changed recipe runs again)."""
+    text = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class CompressParams(BaseModel):

@@ -84,8 +84,9 @@ class SearchParams(Knobs):
 
     enabled: bool = False                           # the pipeline runs the search after compress
     study_name: str = Field("bertshrink-search", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    # Optuna RDB storage: null = SQLite file under checkpoints_dir/search/; or an SQLAlchemy URL
-    # such as postgresql+psycopg2://user:pw@host/db (the tracking server's PostgreSQL).
+    # Optuna RDB storage: null = SQLite file under checkpoints_dir/search/; or an SQLAlchemy URL such as
+    # postgresql+psycopg2://bertshrink@db-host:5432/optuna (the tracking server's PostgreSQL). No password
+    # here: the driver reads PGPASSWORD or ~/.pgpass, so params files and their logs never carry one.
     storage: str | None = None
     sampler: Sampler = "nsga2"                      # nsga2 | tpe (both with the registry's constraints)
     budget_minutes: float = Field(60.0, gt=0.0, le=7 * 24 * 60)
@@ -97,3 +98,10 @@ class SearchParams(Knobs):
     latency_iterations: int = Field(10, ge=1, le=1000)  # batch-1 timings per trial (after 2 warm-up)
     proxy: ProxyBudget = ProxyBudget()
     space: SearchSpace = SearchSpace()
+
+    @model_validator(mode="after")
+    def _no_password_in_storage(self) -> "SearchParams":
+        if self.storage and "@" in self.storage and ":" in self.storage.split("://", 1)[-1].split("@", 1)[0]:
+            raise ValueError("storage holds a password: remove it from the URL (user@host) and give it to the driver "
+                             "through PGPASSWORD or ~/.pgpass, so it never lands in params files, logs or MLflow")
+        return self

@@ -59,6 +59,9 @@ class ModelMeta(BaseModel):
     teacher_training_run_id: str | None = None
     teacher_model_version: str | None = None
     compress_run_id: str | None = None
+    # What a rerun checks in the registry to skip a recipe already done: the teacher's content and the recipe as written.
+    teacher_model_fingerprint: str | None = None
+    recipe_fingerprint: str | None = None
     # A member of the search's front: study, trial, proxy and full scores, whether it met the constraints.
     search: dict[str, Any] | None = None
     # The floor: the regularisation search and the TF-IDF vocabulary.

@@ -1,0 +1,239 @@
+"""Recipes fanned out over a real Prefect work pool: a Prefect server, two process workers on checkouts
+of their own (no shared disk with the submitting folder), and an MLflow tracking server that proxies
+the artifacts. Everything is started here on localhost and stopped afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import build_tiny_bert, toy_corpus
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("bertshrink", "flows", "tasks", "tracking")
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_http(url: str, seconds: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"{process.args} exited with {process.returncode}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {seconds} s")
+
+
+def mlflow_server_on(folder: Path, started: list) -> str:
+    """An MLflow tracking server proxying its artifacts (a SQLite store here)."""
+    folder.mkdir(parents=True)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    started.append(server)
+    wait_for_http(f"http://127.0.0.1:{port}/health", 600, server)
+    return f"http://127.0.0.1:{port}"
+
+
+def checkout(folder: Path) -> Path:
+    """A worker's checkout: the code and prefect.yaml, nothing the submitting folder made."""
+    folder.mkdir(parents=True)
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "prefect.yaml", folder / "prefect.yaml")
+    return folder
+
+
+def prefect_env(api_url: str, home: Path, tracking_uri: str) -> dict:
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home), "MLFLOW_TRACKING_URI": tracking_uri,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a process group started here (a worker's flow runs with it)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """Prefect server + work pool `local` + the `recipe` deployment + 2 workers; MLflow server."""
+    started = []
+    try:
+        tracking_uri = mlflow_server_on(tmp_path / "mlflow", started)
+        port = free_port()
+        api = f"http://127.0.0.1:{port}/api"
+        env = prefect_env(api, tmp_path / "prefect-home", tracking_uri)
+        server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, stdout=open(tmp_path / "prefect-server.log", "w"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(server)
+        wait_for_http(f"{api}/health", 600, server)
+        subprocess.run([*PREFECT, "work-pool", "create", "local", "--type", "process"], env=env, check=True,
+                       capture_output=True)
+        deployed = subprocess.run([*PREFECT, "--no-prompt", "deploy", "--name", "recipe"], env=env, cwd=REPO,
+                                  capture_output=True, text=True)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        workers = {}
+        for name in ("w1", "w2"):
+            home = checkout(tmp_path / name)
+            log = open(tmp_path / f"{name}.log", "w")
+            workers[name] = home
+            started.append(subprocess.Popen(
+                [*PREFECT, "worker", "start", "--pool", "local", "--limit", "1", "--name", name],
+                env={**env, "BERTSHRINK_HOME": str(home)}, cwd=home, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True))
+        yield {"env": env, "workers": workers, "tmp": tmp_path, "api": api}
+    finally:
+        for process in reversed(started):
+            stop(process)
+
+
+def write_params(folder: Path, recipes: dict, **overrides) -> Path:
+    """Tiny params, as written in the submitting folder and copied into the workers' checkouts."""
+    teacher = build_tiny_bert(folder / "encoder", num_labels=None) if not (folder / "encoder").exists() else folder / "encoder"
+    corpus = folder / "toy.csv"
+    toy_corpus().to_csv(corpus, index=False)
+    params = {
+        "data": {"source": str(corpus), "validation_size": 0.2, "test_size": 0.2},
+        "validate": {"min_train_rows": 20, "min_eval_rows": 5},
+        "teacher": {"model": str(teacher), "max_length": 32, "epochs": 2, "batch_size": 8, "warmup_ratio": 0.0,
+                    "learning_rate": 3e-3, "logging_steps": 2, "save_steps": 10},
+        "evaluate": {"warmup_iterations": 1, "timed_iterations": 3, "max_length": 32, "batch_sizes": [1], "rounds": 1},
+        "registry": {"experiment": "fan-out", "model_name": "fanned", "min_retention": 0.5, "min_agreement": 0.5},
+        "floor": {"enabled": False},
+        "compress": {"baseline": None, "recipes": recipes, "max_accuracy_drop": 1.0},  # a 2-epoch teacher: keep every candidate
+        "scale_out": {"mode": "deployment", "concurrency": 2, "poll_seconds": 1, **overrides},
+    }
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def share_params(params_file: Path, workers: dict) -> None:
+    for home in workers.values():
+        shutil.copy(params_file, home / "params.yaml")
+
+
+def run_pipeline(folder: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml", "--no-dvc-commit"],
+                          cwd=folder, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def recipe_versions(tracking_uri: str, recipe: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri).search_model_versions(f"name='fanned' and tags.recipe='{recipe}'")
+
+
+RECIPES = {"onnx": ["export_onnx"], "drop": [{"drop_layers": {"strategy": "top", "n_drop": 1}}]}
+
+
+def test_recipes_fan_out_over_two_workers_and_a_rerun_skips_them(stack):
+    submitter = stack["tmp"] / "submitter"
+    submitter.mkdir()
+    share_params(write_params(submitter, RECIPES), stack["workers"])
+
+    done = run_pipeline(submitter, stack["env"])
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "submitted recipe onnx" in done.stderr and "submitted recipe drop" in done.stderr
+
+    # each worker built candidates in its own checkout; the two recipes were spread over both workers
+    built = {name: sorted(p.name for p in (home / "models/candidates").glob("*")) for name, home in
+             stack["workers"].items()}
+    assert sorted(built["w1"] + built["w2"]) == ["drop", "onnx"], built
+    assert built["w1"] and built["w2"], built
+    # the workers fetched the teacher from the tracking server: byte for byte the submitter's
+    from bertshrink.modelfolder.size import content_fingerprint
+
+    teacher_print = content_fingerprint(submitter / "models/teacher")
+    assert all(content_fingerprint(home / "models/teacher") == teacher_print for home in stack["workers"].values())
+
+    # the submitter fetched both candidates, timed them side by side and registered nothing twice
+    tracking_uri = stack["env"]["MLFLOW_TRACKING_URI"]
+    for recipe in RECIPES:
+        versions = recipe_versions(tracking_uri, recipe)
+        assert len(versions) == 1
+        assert versions[0].tags["teacher_model_fingerprint"] == teacher_print
+        assert content_fingerprint(submitter / "models/candidates" / recipe) == versions[0].tags["model_fingerprint"]
+    comparison = json.loads((submitter / "metrics/comparison.json").read_text())
+    assert {"teacher", "onnx", "drop"} <= set(json.dumps(comparison).replace('"', " ").split())
+    assert (submitter / "reports/promotion.json").is_file()
+
+    # a rerun submits nothing: both recipes are registered for this teacher as written
+    again = run_pipeline(submitter, stack["env"])
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "submitted recipe" not in again.stderr
+    assert again.stderr.count("already registered for this teacher") == 2
+    assert all(len(recipe_versions(tracking_uri, r)) == 1 for r in RECIPES)
+
+
+def flow_run_of(api: str, env: dict, recipe: str, state: str) -> dict | None:
+    """The newest flow run named ``recipe-<recipe>`` in ``state``, through the Prefect API."""
+    found = httpx.post(f"{api}/flow_runs/filter", json={
+        "flow_runs": {"name": {"any_": [f"recipe-{recipe}"]}, "state": {"type": {"any_": [state]}}},
+        "sort": "EXPECTED_START_TIME_DESC", "limit": 1}, timeout=10).json()
+    return found[0] if found else None
+
+
+def test_a_killed_recipe_is_named_and_the_others_are_kept(stack):
+    submitter = stack["tmp"] / "submitter"
+    submitter.mkdir()
+    recipes = {"onnx": ["export_onnx"], "slow": [{"distill": {"student_layers": 1, "epochs": 200, "batch_size": 4}}]}
+    share_params(write_params(submitter, recipes), stack["workers"])
+
+    pipeline = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml", "--no-dvc-commit"],
+                                cwd=submitter, env={**stack["env"], "PYTHONPATH": str(REPO)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while (run := flow_run_of(stack["api"], stack["env"], "slow", "RUNNING")) is None:
+            assert pipeline.poll() is None and time.monotonic() < deadline, "the slow recipe never started"
+            time.sleep(1)
+        time.sleep(5)   # into its training
+        # the process worker records the flow run's process; killing it is what a worker's death does to the run
+        pid = int(str(run["infrastructure_pid"]).rsplit(":", 1)[-1])
+        os.kill(pid, signal.SIGKILL)
+        _, stderr = pipeline.communicate(timeout=600)
+    finally:
+        if pipeline.poll() is None:
+            pipeline.kill()
+    assert pipeline.returncode != 0
+    assert "slow" in stderr.splitlines()[-1] or "- slow:" in stderr, stderr[-3000:]
+    tracking_uri = stack["env"]["MLFLOW_TRACKING_URI"]
+    assert recipe_versions(tracking_uri, "slow") == []          # nothing registered for the killed recipe
+    assert len(recipe_versions(tracking_uri, "onnx")) == 1      # the other recipe's result is kept
+    assert (submitter / "models/candidates/onnx").is_dir()
