@@ -137,7 +137,7 @@ def fan_out_recipes(params: Params, params_file: str, parent_run_id: str | None,
         if version is not None:
             print(f"bertshrink: recipe {name} is already registered for this teacher (version {version.version}); "
                   "not run again.", file=sys.stderr)
-            done[name] = version.version
+            done[name] = str(version.version)
         else:
             to_run.append(name)
     outcome = wait_for_recipes(deployment, params_file, params, to_run, teacher_version, parent_run_id)
@@ -164,4 +164,4 @@ def fan_out_recipes(params: Params, params_file: str, parent_run_id: str | None,
 def _registered_now(params: Params, name: str, teacher_print: str) -> str | None:
     version = done_recipe_version(params.registry.model_name, name, teacher_print,
                                   recipe_fingerprint(params.compress.recipes[name]))
-    return version.version if version else None
+    return str(version.version) if version else None

@@ -112,6 +112,6 @@ def test_a_done_recipe_is_found_by_teacher_and_recipe_fingerprints(local_trackin
         version = client.create_model_version("m", source="unused")
         for key, value in {"recipe": recipe, "teacher_model_fingerprint": teacher, "recipe_fingerprint": fingerprint}.items():
             client.set_model_version_tag("m", version.version, key, value)
-    assert done_recipe_version("m", "a", "t1", "r1").version == "1"
-    assert done_recipe_version("m", "a", "t1", "r2").version == "3"
+    assert str(done_recipe_version("m", "a", "t1", "r1").version) == "1"
+    assert str(done_recipe_version("m", "a", "t1", "r2").version) == "3"
     assert done_recipe_version("m", "a", "t3", "r1") is None
