@@ -121,7 +121,7 @@ def stack(tmp_path):
             stop(process)
 
 
-def write_params(folder: Path, recipes: dict, **overrides) -> Path:
+def write_params(folder: Path, recipes: dict, model_name: str, **overrides) -> Path:
     """Tiny params, as written in the submitting folder and copied into the workers' checkouts."""
     teacher = build_tiny_bert(folder / "encoder", num_labels=None) if not (folder / "encoder").exists() else folder / "encoder"
     corpus = folder / "toy.csv"
@@ -132,7 +132,7 @@ def write_params(folder: Path, recipes: dict, **overrides) -> Path:
         "teacher": {"model": str(teacher), "max_length": 32, "epochs": 2, "batch_size": 8, "warmup_ratio": 0.0,
                     "learning_rate": 3e-3, "logging_steps": 2, "save_steps": 10},
         "evaluate": {"warmup_iterations": 1, "timed_iterations": 3, "max_length": 32, "batch_sizes": [1], "rounds": 1},
-        "registry": {"experiment": "fan-out", "model_name": "fanned", "min_retention": 0.5, "min_agreement": 0.5},
+        "registry": {"experiment": "fan-out", "model_name": model_name, "min_retention": 0.5, "min_agreement": 0.5},
         "floor": {"enabled": False},
         "compress": {"baseline": None, "recipes": recipes, "max_accuracy_drop": 1.0},  # a 2-epoch teacher: keep every candidate
         "scale_out": {"mode": "deployment", "concurrency": 2, "poll_seconds": 1, **overrides},
@@ -153,10 +153,10 @@ def run_pipeline(folder: Path, env: dict, timeout: int = 900) -> subprocess.Comp
                           timeout=timeout)
 
 
-def recipe_versions(tracking_uri: str, recipe: str) -> list:
+def recipe_versions(tracking_uri: str, model_name: str, recipe: str) -> list:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri).search_model_versions(f"name='fanned' and tags.recipe='{recipe}'")
+    return MlflowClient(tracking_uri).search_model_versions(f"name='{model_name}' and tags.recipe='{recipe}'")
 
 
 RECIPES = {"onnx": ["export_onnx"], "drop": [{"drop_layers": {"strategy": "top", "n_drop": 1}}]}
@@ -165,7 +165,7 @@ RECIPES = {"onnx": ["export_onnx"], "drop": [{"drop_layers": {"strategy": "top",
 def test_recipes_fan_out_over_two_workers_and_a_rerun_skips_them(stack):
     submitter = stack["tmp"] / "submitter"
     submitter.mkdir()
-    share_params(write_params(submitter, RECIPES), stack["workers"])
+    share_params(write_params(submitter, RECIPES, "fanned"), stack["workers"])
 
     done = run_pipeline(submitter, stack["env"])
     assert done.returncode == 0, done.stderr[-4000:]
@@ -185,7 +185,7 @@ def test_recipes_fan_out_over_two_workers_and_a_rerun_skips_them(stack):
     # the submitter fetched both candidates, timed them side by side and registered nothing twice
     tracking_uri = stack["env"]["MLFLOW_TRACKING_URI"]
     for recipe in RECIPES:
-        versions = recipe_versions(tracking_uri, recipe)
+        versions = recipe_versions(tracking_uri, "fanned", recipe)
         assert len(versions) == 1
         assert versions[0].tags["teacher_model_fingerprint"] == teacher_print
         assert content_fingerprint(submitter / "models/candidates" / recipe) == versions[0].tags["model_fingerprint"]
@@ -198,7 +198,7 @@ def test_recipes_fan_out_over_two_workers_and_a_rerun_skips_them(stack):
     assert again.returncode == 0, again.stderr[-4000:]
     assert "submitted recipe" not in again.stderr
     assert again.stderr.count("already registered for this teacher") == 2
-    assert all(len(recipe_versions(tracking_uri, r)) == 1 for r in RECIPES)
+    assert all(len(recipe_versions(tracking_uri, "fanned", r)) == 1 for r in RECIPES)
 
 
 def flow_run_of(api: str, env: dict, recipe: str, state: str) -> dict | None:
@@ -217,7 +217,7 @@ def test_a_killed_recipe_is_named_and_the_others_are_kept(stack):
     submitter = stack["tmp"] / "submitter"
     submitter.mkdir()
     recipes = {"onnx": ["export_onnx"], "slow": [{"distill": {"student_layers": 1, "epochs": 100, "batch_size": 2}}]}
-    share_params(write_params(submitter, recipes), stack["workers"])
+    share_params(write_params(submitter, recipes, "killed"), stack["workers"])
 
     pipeline = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml", "--no-dvc-commit"],
                                 cwd=submitter, env={**stack["env"], "PYTHONPATH": str(REPO)},
@@ -240,6 +240,6 @@ def test_a_killed_recipe_is_named_and_the_others_are_kept(stack):
     assert pipeline.returncode != 0
     assert "slow" in stderr.splitlines()[-1] or "- slow:" in stderr, stderr[-3000:]
     tracking_uri = stack["env"]["MLFLOW_TRACKING_URI"]
-    assert recipe_versions(tracking_uri, "slow") == []          # nothing registered for the killed recipe
-    assert len(recipe_versions(tracking_uri, "onnx")) == 1      # the other recipe's result is kept
+    assert recipe_versions(tracking_uri, "killed", "slow") == []          # nothing registered for the killed recipe
+    assert len(recipe_versions(tracking_uri, "killed", "onnx")) == 1      # the other recipe's result is kept
     assert (submitter / "models/candidates/onnx").is_dir()
