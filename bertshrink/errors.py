@@ -62,6 +62,12 @@ class OutputError(BertshrinkError):
     exit_code = 9
 
 
+class ServerUnavailableError(BertshrinkError):
+    """A server the run needs (the MLflow tracking server, the Prefect API) cannot be reached or keeps failing."""
+
+    exit_code = 10
+
+
 class QuantizationError(CompressionError, ValueError):
     """A quantization setting is out of range, or cannot be applied to this model or machine."""
 
