@@ -63,18 +63,28 @@ class MlflowServer:
         self.home.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
                    "--artifacts-destination", artifacts, "--host", self.host, "--port", str(self.port),
-                   "--workers", str(workers)]
+                   "--workers", str(workers),
+                   # uvicorn restarts a worker that misses its 5 s health check; on a busy machine a
+                   # worker still importing MLflow misses it, again and again, and the server never serves.
+                   "--uvicorn-opts", "--timeout-worker-healthcheck 300"]
         with open(self.log, "ab") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True, cwd=self.home)
         self.pid_file.write_text(str(process.pid))
+        try:
+            self._wait_until_healthy(process, timeout_s)
+        except BaseException:  # a failed start, or Ctrl-C while waiting: leave nothing running
+            self.stop()
+            raise
+
+    def _wait_until_healthy(self, process: subprocess.Popen, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not self.healthy():
-            if process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                state = f"exited with {process.returncode}" if process.returncode is not None else \
-                    f"did not answer {self.uri}/health within {timeout_s:.0f} s"
-                raise ServiceError(f"the MLflow server {state}.{self._log_tail()}")
+            if process.poll() is not None:
+                raise ServiceError(f"the MLflow server exited with {process.returncode}.{self._log_tail()}")
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the MLflow server did not answer {self.uri}/health within {timeout_s:.0f} s."
+                                   f"{self._log_tail()}")
             time.sleep(0.5)
 
     def process(self) -> psutil.Process | None:

@@ -51,12 +51,11 @@ def postgres(services_home) -> Iterator[Postgres]:
     """A throwaway PostgreSQL cluster, running for the whole session (fsync off: nothing to keep)."""
     pg = Postgres(services_home, free_port())
     try:
-        pg.init(secrets.token_urlsafe(16), fast=True)
-        pg.start()
-    except ServiceError as err:
-        pg.stop()
-        pytest.fail(f"cannot start PostgreSQL for the tests: {err}", pytrace=False)
-    try:
+        try:
+            pg.init(secrets.token_urlsafe(16), fast=True)
+            pg.start()
+        except ServiceError as err:
+            pytest.fail(f"cannot start PostgreSQL for the tests: {err}", pytrace=False)
         yield pg
     finally:
         pg.stop()
@@ -68,7 +67,9 @@ def mlflow_server(postgres, services_home) -> Iterator[MlflowServer]:
     postgres.create_database("mlflow")
     server = MlflowServer(services_home / "mlflow", free_port())
     try:
-        server.start(postgres.url("mlflow"), str(services_home / "artifacts"), {**os.environ, **postgres.client_env()})
+        # Creating MLflow's tables takes ~30 s on an idle machine; niced beside a busy one, many minutes.
+        server.start(postgres.url("mlflow"), str(services_home / "artifacts"), {**os.environ, **postgres.client_env()},
+                     timeout_s=900)
     except ServiceError as err:
         pytest.fail(f"cannot start the MLflow tracking server for the tests: {err}", pytrace=False)
     try:
