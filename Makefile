@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit repro push pull bench sst2 quant-noise faults families serve-check mlflow-ui clean
+.PHONY: install run test test-unit repro push pull bench sst2 quant-noise faults families serve-check mlflow-ui services services-stop clean
 
 install: $(STAMP)
 
@@ -61,6 +61,12 @@ pull: install         ## a worker on a fresh checkout: fetch the prepared data a
 
 mlflow-ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+services: install     ## PostgreSQL + an MLflow tracking server on it, on localhost (state in .services/; idempotent)
+	$(PY) -m services start
+
+services-stop: install  ## stop both (the data stays in .services/)
+	$(PY) -m services stop
 
 clean:                ## remove pipeline outputs (not the venv, not MLflow's store)
 	rm -rf data models checkpoints reports

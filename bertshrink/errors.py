@@ -62,6 +62,12 @@ class OutputError(BertshrinkError):
     exit_code = 9
 
 
+class ServerUnavailableError(BertshrinkError):
+    """A server the run needs (the MLflow tracking server, the Prefect API) cannot be reached or keeps failing."""
+
+    exit_code = 10
+
+
 class QuantizationError(CompressionError, ValueError):
     """A quantization setting is out of range, or cannot be applied to this model or machine."""
 
@@ -87,7 +93,8 @@ def retry_only_transient(task, task_run, state) -> bool:
 
 
 class ScaleOutError(BertshrinkError):
-    """Recipes cannot spread over workers as configured: no shared tracking server, no deployment,
-    or a recipe's flow run that crashed or was cancelled."""
+    """Recipes cannot spread over workers as configured: no shared tracking server, no recipe
+    deployment or work pool, no registered teacher. (A recipe whose flow run crashed is a failed
+    recipe, exit 8, like one that failed in this process.)"""
 
-    exit_code = 10
+    exit_code = 11

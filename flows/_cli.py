@@ -15,8 +15,9 @@ import datasets
 
 from bertshrink.config.artifacts import Artifacts
 from bertshrink.config.params import DEFAULT_PARAMS_FILE, Params, load_params
-from bertshrink.errors import BertshrinkError, ParamsError
-from flows._prefect_server import mark_servers_as_mine, stop_orphaned_servers
+from bertshrink.errors import BertshrinkError, ParamsError, ServerUnavailableError
+from flows._prefect_server import mark_servers_as_mine, require_prefect_server, stop_orphaned_servers
+from tracking.runs import require_tracking_server, tracking_server_failure, without_credentials
 
 
 def quiet_libraries() -> None:
@@ -107,7 +108,14 @@ class _NoTraceback(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         plain = logging.makeLogRecord(record.__dict__)
         plain.exc_info = plain.exc_text = plain.stack_info = None
-        return self.inner.format(plain)
+        return without_credentials(self.inner.format(plain))
+
+
+class _WithoutCredentials(logging.Formatter):
+    """The run log's formatter: a URL's ``user:password@`` never reaches the file (tracebacks included)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return without_credentials(super().format(record))
 
 
 def _not_a_failure_report(record: logging.LogRecord) -> bool:
@@ -138,7 +146,7 @@ def start_run_log(log_file: Path, debug: bool = False) -> Path | None:
     except OSError:
         return None
     file_handler.setLevel(logging.INFO)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s - %(message)s"))
+    file_handler.setFormatter(_WithoutCredentials("%(asctime)s %(levelname)-7s %(name)s - %(message)s"))
     root.addHandler(file_handler)
     _to_log_file(f"---- {' '.join(sys.argv)} (pid {os.getpid()})")
     return log_file
@@ -160,7 +168,7 @@ def fail(message: str, exit_code: int, err: BaseException | None = None, log_fil
         _to_log_file(f"failed: {message}", err)
         if debug:
             traceback.print_exception(err, file=sys.stderr)
-    print(f"\nbertshrink: {message}", file=sys.stderr)
+    print(f"\nbertshrink: {without_credentials(message)}", file=sys.stderr)
     if err is not None and log_file is not None and not debug:
         print(f"bertshrink: the traceback is in {log_file} (or rerun with --debug).", file=sys.stderr)
     sys.exit(exit_code)
@@ -174,16 +182,21 @@ def run_cli(work: Callable[[Params], object], params_file: str, debug: bool = Fa
     try:
         params = load_params(params_file)
         log_file = start_run_log(Artifacts(params.base).run_log, debug)
+        require_tracking_server()  # before any work: an unreachable server fails the run now
+        require_prefect_server()
         stop_orphaned_servers()
         mark_servers_as_mine()
         work(params)
-    except ParamsError as err:  # the key and the fix are the whole story: no traceback to keep
+    except (ParamsError, ServerUnavailableError) as err:  # the setting and the fix are the whole story
         fail(f"{type(err).__name__}: {err}", err.exit_code, debug=debug)
     except BertshrinkError as err:
         fail(f"{type(err).__name__}: {err}", err.exit_code, err, log_file, debug)
     except KeyboardInterrupt:
         fail(interrupted_message(params_file), 130)
     except Exception as err:  # a bug, or a case not handled yet: still one line, and the traceback kept
+        server = tracking_server_failure(err)
+        if server:
+            fail(f"{type(server).__name__}: {server}", server.exit_code, err, log_file, debug)
         fail(f"unexpected {type(err).__name__}: {str(err).rstrip('.')}. This is a bug or a case bertshrink "
              "does not handle yet; please report it with the log named below.", 1, err, log_file, debug)
 

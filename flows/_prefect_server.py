@@ -5,6 +5,8 @@ Without ``PREFECT_API_URL``, Prefect starts a temporary API server (a uvicorn su
 good. Each CLI process marks the servers it starts (they inherit its environment) with its pid
 and start time; at the next start, a marked server whose owner is gone is stopped. A server
 someone started by hand (``prefect server start``), or one whose owner still runs, is not touched.
+
+With ``PREFECT_API_URL`` set, the server must answer before a run starts (``require_prefect_server``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import logging
 import os
 
 import psutil
+from prefect.settings import get_current_settings
+
+from bertshrink.errors import ServerUnavailableError
+from tracking.runs import http_unreachable, without_credentials
 
 OWNER_ENV = "BERTSHRINK_PREFECT_SERVER_OWNER"
 # What Prefect's SubprocessASGIServer passes uvicorn (prefect/server/api/server.py).
@@ -67,3 +73,17 @@ def stop_orphaned_servers(timeout: float = 5.0) -> list[int]:
         log.warning("Stopped %d Prefect temporary server(s) that killed runs had left running (pids %s).",
                     len(servers), ", ".join(str(s.pid) for s in servers))
     return [s.pid for s in servers]
+
+
+def require_prefect_server(timeout_s: float = 10.0) -> None:
+    """Before any work: a ``PREFECT_API_URL`` (environment or Prefect profile) must answer, or the
+    run stops here naming it. Without one, Prefect starts a temporary server and nothing is checked."""
+    url = get_current_settings().api.url
+    if not url:
+        return
+    why = http_unreachable(f"{url.rstrip('/')}/health", timeout_s)
+    if why:
+        raise ServerUnavailableError(
+            f"PREFECT_API_URL={without_credentials(url)} cannot be reached ({why}). Start the Prefect server "
+            "(`prefect server start`), correct the setting, or unset it (`unset PREFECT_API_URL`, or "
+            "`prefect config unset PREFECT_API_URL` where a profile sets it) to run on a temporary local server.")

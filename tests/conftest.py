@@ -11,6 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+# A real PostgreSQL and MLflow tracking server for the session (postgres, mlflow_server, mlflow_tracking_uri).
+from service_fixtures import mlflow_server, mlflow_tracking_uri, postgres, services_home  # noqa: F401
+
 TOPICS = {
     "sport": ["goal", "match", "team", "coach", "league", "striker", "score", "cup"],
     "money": ["market", "stock", "price", "bank", "profit", "shares", "trade", "growth"],

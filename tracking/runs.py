@@ -10,19 +10,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
 import psutil
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from bertshrink.config.params import RegistryParams
-from bertshrink.errors import ScaleOutError
+from bertshrink.errors import ScaleOutError, ServerUnavailableError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_DIR = Path("mlruns")
@@ -30,10 +35,59 @@ PARENT_RUN_ENV = "BERTSHRINK_PARENT_RUN_ID"
 # Which process on which machine owns a run: a run whose process is gone was killed mid-stage.
 HOST_TAG, PID_TAG = "bertshrink.host", "bertshrink.pid"
 ORPHAN_TAG = "bertshrink.orphaned"
+# The ``user:password@`` of a URL: never shown in a message, a log line or a tag.
+_USERINFO = re.compile(r"(?<=://)[^/\s@]+@")
+# What MLflow's REST client raises once its retries against the server are spent.
+_REST_FAILURE = re.compile(r"^API request to (\S+) failed with exception")
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+def without_credentials(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it removed."""
+    return _USERINFO.sub("", text)
+
+
+def http_unreachable(url: str, timeout_s: float) -> str | None:
+    """Why no HTTP server answers at ``url``, or None when one does (any status: a server behind
+    authentication that says 401 is still there)."""
+    try:
+        with urllib.request.urlopen(without_credentials(url), timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as err:
+        return str(err.reason)
+    except (TimeoutError, OSError) as err:
+        return f"no answer within {timeout_s:.0f} s" if isinstance(err, TimeoutError) else str(err)
+
+
+def require_tracking_server(timeout_s: float = 10.0) -> None:
+    """Before any work: an ``http(s)://`` ``MLFLOW_TRACKING_URI`` must answer, or the run stops here
+    (MLflow's own client would retry for minutes, after the training)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return
+    why = http_unreachable(f"{uri.rstrip('/')}/health", timeout_s)
+    if why:
+        raise ServerUnavailableError(
+            f"MLFLOW_TRACKING_URI={without_credentials(uri)} cannot be reached ({why}). Start the tracking "
+            "server (`make services` on this machine), correct the variable, or unset it to track in ./mlflow.db.")
+
+
+def tracking_server_failure(err: BaseException) -> ServerUnavailableError | None:
+    """An MLflow call that failed at the tracking server after MLflow's retries (the server or its
+    database down for minutes), as an error naming the server; None for any other error."""
+    for cause in (err, err.__cause__, err.__context__):
+        match = _REST_FAILURE.match(str(cause)) if isinstance(cause, MlflowException) else None
+        if match:
+            return ServerUnavailableError(
+                f"the MLflow tracking server MLFLOW_TRACKING_URI={without_credentials(tracking_uri())} kept failing "
+                f"after MLflow's retries: {without_credentials(str(cause))}. Check the server and its database "
+                "(their logs), then rerun; MLFLOW_HTTP_REQUEST_MAX_RETRIES sets how long calls retry.")
+    return None
 
 
 def configure_tracking(registry: RegistryParams) -> str:
@@ -46,7 +100,12 @@ def configure_tracking(registry: RegistryParams) -> str:
     artifact_location = None
     if "MLFLOW_TRACKING_URI" not in os.environ:
         artifact_location = DEFAULT_ARTIFACT_DIR.resolve().as_uri()
-    return client.create_experiment(registry.experiment, artifact_location=artifact_location)
+    try:
+        return client.create_experiment(registry.experiment, artifact_location=artifact_location)
+    except MlflowException as err:  # another worker on the same server created it meanwhile
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return client.get_experiment_by_name(registry.experiment).experiment_id
 
 
 def git_commit() -> str:
