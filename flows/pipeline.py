@@ -31,11 +31,12 @@ from flows._cli import add_debug_option, run_cli
 from flows.compare import compare_flow
 from flows.compress import compress_flow, recipes_failed, recipes_that_cannot_apply
 from flows.evaluate import evaluate_flow
+from flows.evaluate_candidate import evaluate_candidate_flow
 from flows.fan_out import fan_out_recipes, recipe_deployment
 from flows.floor import floor_flow
 from flows.prepare import prepare_flow
 from flows.promote import promote_flow
-from flows.register import evaluate_and_register_candidates, register_flow
+from flows.register import evaluate_and_register, register_flow
 from flows.report import report_flow
 from flows.search import search_flow
 from flows.teacher import teacher_flow
@@ -88,6 +89,14 @@ def record_in_dvc(stages: list[str]) -> None:
         print(f"bertshrink: note: `dvc commit` failed, dvc.lock not updated:\n{done.stderr}", file=sys.stderr)
     else:
         print("bertshrink: results recorded in dvc.lock; `dvc repro` now reruns only what changes.")
+
+
+def evaluate_and_register_candidates(params: Params, parent: str, compressed: dict) -> tuple[list, list, dict]:
+    """Each candidate through the teacher's evaluate and register code; a failure skips only that one."""
+    results, registered, failed = evaluate_and_register(
+        params, parent, {c["recipe"]: c["model_dir"] for c in compressed["succeeded"]},
+        lambda recipe, _: evaluate_candidate_flow(params, parent, [recipe]))
+    return results, registered, {**compressed["failed"], **failed}
 
 
 def run_recipes(params: Params, params_file: str, parent: str, deployment) -> tuple[list, list, dict]:

@@ -18,7 +18,7 @@ from bertshrink.config.recipes import recipe_fingerprint
 from bertshrink.errors import CompressionError, ParamsError
 from flows._cli import add_debug_option, run_cli, selected_recipes
 from flows.compress import compress_flow, recipes_failed
-from flows.register import evaluate_and_register_candidates
+from flows.pipeline import evaluate_and_register_candidates
 from tasks.transfer import fetch_teacher_task
 from tracking.runs import require_shared_tracking
 

@@ -19,7 +19,6 @@ from bertshrink.config.artifacts import Artifacts, model_name
 from bertshrink.config.params import Params
 from bertshrink.selection.rules import collapse_reason
 from flows._cli import model_dir_option, run_stage
-from flows.evaluate_candidate import evaluate_candidate_flow
 from tasks.registry import register_model
 from tracking.runs import set_tags, stage_run
 from tracking.transfer import bundle_files
@@ -94,14 +93,6 @@ def evaluate_and_register(params: Params, parent_run_id: str | None, model_dirs:
         except Exception as err:  # one broken model must not stop the others
             failed[name] = f"evaluate/register: {type(err).__name__}: {err}"
     return results, registered, failed
-
-
-def evaluate_and_register_candidates(params: Params, parent: str, compressed: dict) -> tuple[list, list, dict]:
-    """Each candidate through the teacher's evaluate and register code; a failure skips only that one."""
-    results, registered, failed = evaluate_and_register(
-        params, parent, {c["recipe"]: c["model_dir"] for c in compressed["succeeded"]},
-        lambda recipe, _: evaluate_candidate_flow(params, parent, [recipe]))
-    return results, registered, {**compressed["failed"], **failed}
 
 
 if __name__ == "__main__":

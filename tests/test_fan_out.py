@@ -1,6 +1,6 @@
 """Recipes fanned out over a real Prefect work pool: a Prefect server, two process workers on checkouts
-of their own (no shared disk with the submitting folder), and an MLflow tracking server that proxies
-the artifacts. Everything is started here on localhost and stopped afterwards."""
+of their own (no shared disk with the submitting folder), and an MLflow tracking server on PostgreSQL
+that proxies the artifacts (tests/service_fixtures.py). Everything is started here on localhost and stopped afterwards."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,13 @@ import pytest
 import yaml
 
 from conftest import build_tiny_bert, toy_corpus
+from service_fixtures import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bertshrink", "flows", "tasks", "tracking")
 PREFECT = [sys.executable, "-m", "prefect"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for_http(url: str, seconds: float, process: subprocess.Popen) -> None:
@@ -44,19 +38,6 @@ def wait_for_http(url: str, seconds: float, process: subprocess.Popen) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer in {seconds} s")
-
-
-def mlflow_server_on(folder: Path, started: list) -> str:
-    """An MLflow tracking server proxying its artifacts (a SQLite store here)."""
-    folder.mkdir(parents=True)
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    started.append(server)
-    wait_for_http(f"http://127.0.0.1:{port}/health", 600, server)
-    return f"http://127.0.0.1:{port}"
 
 
 def checkout(folder: Path) -> Path:
@@ -88,11 +69,12 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def stack(tmp_path):
-    """Prefect server + work pool `local` + the `recipe` deployment + 2 workers; MLflow server."""
+def stack(tmp_path, mlflow_tracking_uri):
+    """Prefect server + work pool `local` + the `recipe` deployment + 2 workers, on the session's MLflow
+    server (PostgreSQL, proxied artifacts)."""
     started = []
     try:
-        tracking_uri = mlflow_server_on(tmp_path / "mlflow", started)
+        tracking_uri = mlflow_tracking_uri
         port = free_port()
         api = f"http://127.0.0.1:{port}/api"
         env = prefect_env(api, tmp_path / "prefect-home", tracking_uri)
