@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plots = copy_plots(paths.report_dir, out)
     summary = paths.pipeline_summary
-    seconds = next((line.split(":", 1)[1].strip() for line in summary.read_text().splitlines()
+    seconds = next((line.split(":", 1)[1].strip().rstrip(".") for line in summary.read_text().splitlines()
                     if line.startswith("Pipeline wall time")), "unknown") if summary.is_file() else "unknown"
     # a comparison timed on a busy machine is said so above the targets, not published as clean
     machine = "\n\n".join(filter(None, [noise_warning(comparison), machine_line(results, comparison)]))
