@@ -132,12 +132,12 @@ def fan_out_recipes(params: Params, params_file: str, parent_run_id: str | None,
     paths = Artifacts(params.base)
     teacher_version, teacher_print = teacher_version_of(params), content_fingerprint(paths.teacher)
     done, to_run = {}, []
-    for name, recipe in params.compress.recipes.items():
-        version = done_recipe_version(params.registry.model_name, name, teacher_print, recipe_fingerprint(recipe))
+    for name in params.compress.recipes:
+        version = registered_version(params, name, teacher_print)
         if version is not None:
-            print(f"bertshrink: recipe {name} is already registered for this teacher (version {version.version}); "
+            print(f"bertshrink: recipe {name} is already registered for this teacher (version {version}); "
                   "not run again.", file=sys.stderr)
-            done[name] = str(version.version)
+            done[name] = version
         else:
             to_run.append(name)
     outcome = wait_for_recipes(deployment, params_file, params, to_run, teacher_version, parent_run_id)
@@ -146,7 +146,7 @@ def fan_out_recipes(params: Params, params_file: str, parent_run_id: str | None,
     for name in params.compress.recipes:
         if name in failed:
             continue
-        version = done.get(name) or _registered_now(params, name, teacher_print)
+        version = done.get(name) or registered_version(params, name, teacher_print)
         if version is None:  # completed, but the candidate collapsed and stayed on the worker
             records.append({"name": params.registry.model_name, "alias": name, "registered": False,
                             "reason": "collapsed on its worker (see its evaluation run); not registered"})
@@ -161,7 +161,8 @@ def fan_out_recipes(params: Params, params_file: str, parent_run_id: str | None,
     return results, records, failed
 
 
-def _registered_now(params: Params, name: str, teacher_print: str) -> str | None:
+def registered_version(params: Params, name: str, teacher_print: str) -> str | None:
+    """The registered version of recipe ``name`` as written now, on this teacher (by content), or None."""
     version = done_recipe_version(params.registry.model_name, name, teacher_print,
                                   recipe_fingerprint(params.compress.recipes[name]))
     return str(version.version) if version else None
