@@ -269,3 +269,29 @@ def test_only_transient_failures_are_retried():
     assert retry_only_transient(None, None, Failed(data=ConnectionError("tracking server reset"))) is True
     # an unexpected error (a bug, an unhandled input) fails the same way again: not retried
     assert retry_only_transient(None, None, Failed(data=ValueError("With n_samples=1, ..."))) is False
+
+
+def _phrases_and_sentences():
+    """120 toy texts of 8-16 words ("sentences") and up to 120 of 3 words ("phrases"), one train split."""
+    sentences = toy_corpus(40, seed=0)
+    phrases = toy_corpus(40, seed=1).assign(text=lambda f: f["text"].str.split().str[:3].str.join(" "))
+    frame = pd.concat([sentences, phrases.drop_duplicates("text")], ignore_index=True)
+    names = sorted(frame["label"].unique())
+    frame["label"] = frame["label"].map({n: i for i, n in enumerate(names)})
+    return RawDataset({"train": frame}, names, "toy"), int((frame["text"].str.split().str.len() == 3).sum())
+
+
+def test_carve_min_words_carves_validation_and_test_from_long_rows_only():
+    raw, n_phrases = _phrases_and_sentences()
+    pool = len(raw.splits["train"])
+    prepared = prepare_splits(raw, DataParams(validation_size=0.1, test_size=0.1, carve_min_words=8), seed=0)
+    words = {name: prepared.splits[name]["text"].str.split().str.len() for name in ("train", "validation", "test")}
+    for name in ("validation", "test"):
+        assert words[name].min() >= 8
+        assert abs(len(prepared.splits[name]) - 0.1 * pool) <= 1       # 10% of the whole pool, as without it
+        assert ">= 8 words" in prepared.meta["provenance"][name]
+    assert (words["train"] == 3).sum() == n_phrases > 50                # every phrase stays in train
+    plain = prepare_splits(raw, DataParams(validation_size=0.1, test_size=0.1), seed=0)
+    assert plain.splits["validation"]["text"].str.split().str.len().min() == 3  # without it, phrases get in
+    with pytest.raises(DataSourceError, match=r"data.carve_min_words is 17, and 0 of toy's"):
+        prepare_splits(raw, DataParams(carve_min_words=17), seed=0)

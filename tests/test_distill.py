@@ -316,6 +316,23 @@ def test_distill_with_transfer_texts_trains_on_them(tmp_path, trained_teacher, p
 
 
 @pytest.mark.slow
+def test_distill_with_augmentation_trains_on_new_teacher_labelled_texts(tmp_path, trained_teacher, prepared):
+    from bertshrink.training.distill import augmented_texts
+
+    step = _quick(augment={"copies": 2, "replace_prob": 0.5, "neighbours": 5, "min_words": 1},
+                  alpha_ce=0.0, alpha_kd=1.0, epochs=1)
+    result = _distill(trained_teacher, prepared, step, tmp_path / "student", tmp_path / "work")
+    train_rows = len(prepared.splits["train"])
+    texts = augmented_texts(prepared, step, AutoTokenizer.from_pretrained(trained_teacher),
+                            AutoModelForSequenceClassification.from_pretrained(trained_teacher), seed=0)
+    assert train_rows < len(texts) <= 2 * train_rows          # up to two new texts per training text
+    assert not set(texts) & set(prepared.splits["train"]["text"])
+    assert read_meta(result.model_dir).augmented_rows == len(texts)
+    assert result.distributed["examples_per_rank"] == [train_rows + len(texts)]  # one epoch over both
+    assert math.isfinite(result.metrics["train_loss"])
+
+
+@pytest.mark.slow
 def test_two_stage_runs(tmp_path, trained_teacher, prepared):
     # cut from teacher layers 0 and 2, but the intermediate losses learn from layers 1 and 3
     cfg = _quick(epochs=1, two_stage=True, teacher_layers=[0, 2], student_layers=None, layer_map=[1, 3])

@@ -30,6 +30,18 @@ INTERMEDIATE_LOSSES = ("hidden", "attention", "embedding")
 PREDICTION_LOSSES = ("ce", "kd")
 
 
+class AugmentKnobs(Knobs):
+    """TinyBERT's data augmentation (``training/augment.py``): ``copies`` new texts per training text
+    of at least ``min_words`` words, each word swapped with probability ``replace_prob`` for one of
+    its ``neighbours`` nearest in the teacher's embeddings; the teacher labels them (no ``ce``).
+    The paper makes 20 copies with p 0.4 and 15 neighbours; each copy costs a pass over those texts."""
+
+    copies: int = Field(1, ge=1, le=50)
+    replace_prob: float = Field(0.4, gt=0.0, le=1.0)
+    neighbours: int = Field(15, ge=1, le=1000)
+    min_words: int = Field(1, ge=1, le=1000)
+
+
 class DistillStep(_Step, TrainingKnobs, KdLossKnobs):
     """Knowledge distillation (DistilBERT logits; TinyBERT hidden states, attention, embeddings).
 
@@ -38,7 +50,8 @@ class DistillStep(_Step, TrainingKnobs, KdLossKnobs):
     student layer, for the intermediate losses) defaults to the layers the student was cut from.
     ``two_stage``: TinyBERT's schedule, intermediate losses first, then ``ce`` + ``kd``, each for
     ``epochs``. ``transfer``: also train on data.transfer_samples' unlabelled texts, labelled by
-    the teacher (every loss but ``ce``).
+    the teacher (every loss but ``ce``). ``augment``: also train on new texts made from the
+    training (and, with ``transfer``, transfer) texts by TinyBERT's word swaps, labelled by the teacher.
     """
 
     kind: Literal["distill"] = "distill"
@@ -50,6 +63,7 @@ class DistillStep(_Step, TrainingKnobs, KdLossKnobs):
     alpha_embedding: float = Field(0.0, ge=0.0)
     two_stage: bool = False
     transfer: bool = False
+    augment: AugmentKnobs | None = None
 
     @model_validator(mode="after")
     def _some_loss_and_one_student_shape(self) -> "DistillStep":

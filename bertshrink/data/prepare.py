@@ -191,6 +191,27 @@ def _require_rows_to_carve(frames: dict[str, pd.DataFrame], carve: dict[str, flo
     )
 
 
+def _carve_split(train: pd.DataFrame, rows_wanted: float, min_words: int | None, seed: int,
+                 raw: RawDataset) -> tuple[pd.DataFrame, pd.DataFrame, str | None, str]:
+    """(train left, carved split, why it is not stratified or None, where it came from): about
+    ``rows_wanted`` rows out of ``train``, or out of its rows of at least ``min_words`` words."""
+    if min_words is None:
+        share = _carve_share(1.0, rows_wanted, len(train))
+        rest, carved, fallback = _stratified_split(train, share, seed)
+        return rest, carved, fallback, f"train ({share:.1%}"
+    long_enough = train["text"].str.split().str.len() >= min_words
+    eligible = train[long_enough].reset_index(drop=True)
+    if len(eligible) < 2:
+        raise DataSourceError(
+            f"data.carve_min_words is {min_words}, and {len(eligible)} of {raw.source}'s {len(train)} training "
+            "rows have that many words: too few to carve a split from. Lower data.carve_min_words, or set it "
+            "to null.")
+    share = _carve_share(1.0, rows_wanted, len(eligible))
+    kept, carved, fallback = _stratified_split(eligible, share, seed)
+    rest = pd.concat([train[~long_enough], kept], ignore_index=True)
+    return rest, carved, fallback, f"train rows of >= {min_words} words ({share:.1%} of {len(eligible)}"
+
+
 def _transfer_texts(pool: pd.DataFrame, kept: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame | None:
     """The training rows that capping left out (at most ``limit``, seeded), without their labels."""
     if limit == 0:
@@ -231,11 +252,11 @@ def prepare_splits(raw: RawDataset, params: DataParams, seed: int) -> PreparedDa
     _require_rows_to_carve(frames, carve, raw, dropped)
     pool_rows = sum(len(f) for f in frames.values())
     for name, fraction in carve.items():
-        share = _carve_share(fraction, pool_rows, len(frames["train"]))
-        frames["train"], frames[name], fallback = _stratified_split(frames["train"], share, seed)
+        frames["train"], frames[name], fallback, origin = _carve_split(frames["train"], fraction * pool_rows,
+                                                                       params.carve_min_words, seed, raw)
         stratified[name] = fallback is None
         warnings += [_random_warning(f"the {name} split carved from train was", fallback)] if fallback else []
-        provenance[name] = f"carved from train ({share:.1%}, seed {seed})"
+        provenance[name] = f"carved from {origin}, seed {seed})"
     pool = frames["train"]
     caps = {"train": params.max_train_samples, "validation": params.max_eval_samples, "test": params.max_eval_samples}
     for name, limit in caps.items():

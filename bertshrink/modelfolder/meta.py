@@ -47,6 +47,7 @@ class ModelMeta(BaseModel):
     layer_map: list[int] | None = None
     distill: dict[str, Any] | None = None
     transfer_rows: int | None = None
+    augmented_rows: int | None = None   # TinyBERT augmentation: new texts the teacher labelled
     parameters_before: int | None = None
     parameters_after: int | None = None
     # Export and quantization reports; static int8's calibration rows.

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pandas as pd
 import torch
 from torch import nn
 from transformers import set_seed
@@ -34,6 +35,7 @@ from bertshrink.modelfolder.structure import keep_layers
 from bertshrink.training.losses import (attention_loss, embedding_mse_loss, hidden_mse_loss, kd_logits_loss,
                                         labelled_cross_entropy)
 from bertshrink.training import ddp
+from bertshrink.training.augment import augment_texts
 from bertshrink.training.teacher_logits import LOGITS_COLUMN, cached_teacher_logits, with_teacher_logits
 from bertshrink.training.finetune import (
     GuardedTrainer,
@@ -212,9 +214,25 @@ def with_transfer_texts(train, prepared: PreparedData, tokenizer, max_length: in
             "data.transfer_samples (e.g. null: every training row max_train_samples leaves out) and "
             "rerun the prepare stage, or set transfer: false."
         )
-    frame = prepared.transfer[["text"]].assign(label=-100)
-    transfer = tokenize_frame(frame, tokenizer, max_length).cast(train.features)
-    return datasets.concatenate_datasets([train, transfer])
+    return with_unlabelled_texts(train, prepared.transfer["text"].tolist(), tokenizer, max_length)
+
+
+def with_unlabelled_texts(train, texts: list[str], tokenizer, max_length: int):
+    """``train`` (tokenized) plus ``texts``, labelled -100: only the teacher's outputs teach them."""
+    frame = pd.DataFrame({"text": texts, "label": -100})
+    extra = tokenize_frame(frame, tokenizer, max_length).cast(train.features)
+    return datasets.concatenate_datasets([train, extra])
+
+
+def augmented_texts(prepared: PreparedData, step: DistillStep, tokenizer, teacher, seed: int) -> list[str]:
+    """TinyBERT's augmentation of the training texts (and the transfer texts, with ``transfer``)."""
+    texts = prepared.splits["train"]["text"].tolist()
+    if step.transfer and prepared.transfer is not None:
+        texts += prepared.transfer["text"].tolist()
+    knobs = step.augment
+    return augment_texts(texts, tokenizer, teacher.get_input_embeddings().weight, copies=knobs.copies,
+                         replace_prob=knobs.replace_prob, neighbours=knobs.neighbours, min_words=knobs.min_words,
+                         seed=seed)
 
 
 def _use_eager_attention(model) -> str:
@@ -265,6 +283,10 @@ def distill(teacher_dir, prepared: PreparedData, step: DistillStep, output_dir, 
     encoded = tokenize_splits(prepared, tokenizer, max_length)
     if step.transfer:
         encoded["train"] = with_transfer_texts(encoded["train"], prepared, tokenizer, max_length)
+    augmented = augmented_texts(prepared, step, tokenizer, teacher, seed) if step.augment else []
+    if augmented:
+        encoded["train"] = with_unlabelled_texts(encoded["train"], augmented, tokenizer, max_length)
+        log.info("Augmentation added %d texts for the teacher to label", len(augmented))
     if _prediction_losses_only(step):
         # Every rank computes them; rank 0 alone reads and writes the cache (one writer per file).
         cache = logits_cache_dir if ddp.is_main_process() else None
@@ -310,6 +332,7 @@ def distill(teacher_dir, prepared: PreparedData, step: DistillStep, output_dir, 
         student_dir=str(student_dir) if student_dir is not None else None,
         distill=step.model_dump(mode="json", exclude={"kind"}), label_names=prepared.label_names,
         data_content_hash=prepared.content_hash, transfer_rows=len(prepared.transfer) if step.transfer else 0,
+        augmented_rows=len(augmented),
         max_length=max_length, parameters_before=count_parameters(teacher), parameters_after=count_parameters(student),
         seed=seed, train_metrics=metrics)
     if ddp.is_main_process():
