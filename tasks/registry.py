@@ -18,7 +18,7 @@ from bertshrink.modelfolder.size import content_fingerprint
 from bertshrink.selection.rules import stale_reason
 from tracking.registry import SUMMARY_METRICS, log_model_version, version_tags
 from tracking.runs import log_metrics
-from tracking.transfer import BundleFiles, log_bundle
+from tracking.transfer import BundleFiles, log_bundle, model_version, registration_record, write_record
 
 
 # A tracking server can be briefly unreachable; retrying the whole registration is safe.
@@ -59,10 +59,7 @@ def register_model(model_dir: str, metrics_file: str, registry: RegistryParams, 
     for key, value in tags.items():
         client.set_model_version_tag(registry.model_name, version, key, str(value)[:5000])
     client.set_registered_model_alias(registry.model_name, alias, version)
-    record = {"name": registry.model_name, "version": version, "alias": alias, "run_id": run_id,
-              "model_uri": f"models:/{registry.model_name}@{alias}", "model_id": info.model_id,
-              "data_content_hash": tags["data_content_hash"], "kind": tags["kind"], "flavor": tags["flavor"],
-              "model_fingerprint": fingerprint}
-    Path(record_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(record_file).write_text(json.dumps(record, indent=2))
+    # Read back from the registry: the same record a worker's fetch writes (tasks/transfer.py).
+    record = registration_record(model_version(registry.model_name, version), alias)
+    write_record(record, Path(record_file))
     return record
