@@ -295,3 +295,20 @@ def test_carve_min_words_carves_validation_and_test_from_long_rows_only():
     assert plain.splits["validation"]["text"].str.split().str.len().min() == 3  # without it, phrases get in
     with pytest.raises(DataSourceError, match=r"data.carve_min_words is 17, and 0 of toy's"):
         prepare_splits(raw, DataParams(carve_min_words=17), seed=0)
+
+
+def test_drop_eval_spans_removes_the_parts_of_evaluation_texts_from_train():
+    sentences = ["a gorgeous and moving film about grief", "the plot is thin and the jokes fall flat",
+                 "an utterly forgettable sequel", "warm funny and wise"]
+    phrases = ["gorgeous and moving", "the jokes fall flat", "forgettable", "utterly forgettable sequel",
+               "a thin plot", "moving film about", "Warm Funny"]
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(sentences + phrases)]
+    raw = RawDataset({"train": pd.DataFrame(rows[4:]), "test": pd.DataFrame(rows[:2]),
+                      "validation": pd.DataFrame(rows[2:4])}, ["neg", "pos"], "toy")
+    prepared = prepare_splits(raw, DataParams(drop_eval_spans=2), seed=0)
+    # Runs of >= 2 words inside an evaluation text go, whatever the case; "forgettable" (1 word)
+    # and "a thin plot" (not a run of "the plot is thin") stay.
+    assert sorted(prepared.splits["train"]["text"]) == ["a thin plot", "forgettable"]
+    assert "less 5 rows found inside evaluation texts" in prepared.meta["provenance"]["train"]
+    kept_all = prepare_splits(raw, DataParams(), seed=0)
+    assert len(kept_all.splits["train"]) == len(phrases)

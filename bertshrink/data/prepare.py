@@ -212,6 +212,24 @@ def _carve_split(train: pd.DataFrame, rows_wanted: float, min_words: int | None,
     return rest, carved, fallback, f"train rows of >= {min_words} words ({share:.1%} of {len(eligible)}"
 
 
+def word_spans(text: str, min_words: int) -> set[str]:
+    """Every run of at least ``min_words`` consecutive words of ``text`` (normalized), itself included."""
+    words = normalize_text(text).split()
+    return {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + min_words, len(words) + 1)}
+
+
+def _drop_eval_spans(frames: dict[str, pd.DataFrame], min_words: int) -> tuple[pd.DataFrame, int]:
+    """(train without the rows of >= ``min_words`` words found inside an evaluation text, how many went)."""
+    inside: set[str] = set()
+    for name, frame in frames.items():
+        if name != "train":
+            for text in frame["text"]:
+                inside |= word_spans(text, min_words)
+    train = frames["train"]
+    leaks = train["text"].map(normalize_text).isin(inside)
+    return train[~leaks].reset_index(drop=True), int(leaks.sum())
+
+
 def _transfer_texts(pool: pd.DataFrame, kept: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame | None:
     """The training rows that capping left out (at most ``limit``, seeded), without their labels."""
     if limit == 0:
@@ -257,6 +275,12 @@ def prepare_splits(raw: RawDataset, params: DataParams, seed: int) -> PreparedDa
         stratified[name] = fallback is None
         warnings += [_random_warning(f"the {name} split carved from train was", fallback)] if fallback else []
         provenance[name] = f"carved from {origin}, seed {seed})"
+    if params.drop_eval_spans is not None:
+        frames["train"], spans = _drop_eval_spans(frames, params.drop_eval_spans)
+        warnings += [f"dropped {spans} training rows of >= {params.drop_eval_spans} words found inside an evaluation "
+                     "text (data.drop_eval_spans)"] if spans else []
+        provenance["train"] = (f"{provenance.get('train', raw.source)}, less {spans} rows found inside evaluation "
+                               f"texts (data.drop_eval_spans: {params.drop_eval_spans})")
     pool = frames["train"]
     caps = {"train": params.max_train_samples, "validation": params.max_eval_samples, "test": params.max_eval_samples}
     for name, limit in caps.items():
