@@ -38,7 +38,7 @@ def recipe_runs(deployment_id: UUID, since: datetime) -> list[dict]:
     """The deployment's flow runs created since ``since`` (this round's), oldest first."""
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-                                     limit=500)
+                                     limit=200)
     rows = [{"recipe": run.parameters.get("recipe"), "flow_run": run.name,
              "state": run.state.name if run.state else None,
              "submitted": _iso(run.created), "started": _iso(run.start_time), "ended": _iso(run.end_time),
