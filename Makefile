@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit repro push pull bench sst2 quant-noise faults families serve-check mlflow-ui services services-stop clean
+.PHONY: install run test test-unit repro push pull bench sst2 quant-noise faults families serve-check mlflow-ui services services-stop bench-scaling clean
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ bench: install        ## SST-2 benchmark (../shared/datasets/sst2, configs/sst2.
 	$(PY) benchmarks/sst2.py --params configs/sst2.yaml && exit $$status
 
 sst2: bench           ## (old name of bench)
+
+# bench-scaling: the default recipes on 1, then 2 Prefect process workers (README "Recipes on a work pool"); starts
+# and stops its own PostgreSQL, MLflow and Prefect servers in a temporary folder. Run it on an idle machine.
+# SCALING_ARGS="--params configs/tiny.yaml" is a ~10-minute check that every part runs.
+bench-scaling: install  ## recipe wall time on 1 and 2 workers (~40 min on 2 cores) -> bench/results/fan_out_scaling.{json,md}
+	$(PY) benchmarks/fan_out_scaling.py $(SCALING_ARGS)
 
 serve-check: install  ## load models:/<name>@champion through MLflow and classify test texts
 	$(PY) -m flows.serve_check

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -28,13 +27,7 @@ import pytest
 
 from services.mlflow_server import MlflowServer
 from services.postgres import Postgres, ServiceError
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the OS picks it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from services.prefect_pool import free_port  # noqa: F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")

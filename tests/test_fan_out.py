@@ -1,6 +1,7 @@
 """Recipes fanned out over a real Prefect work pool: a Prefect server, two process workers on checkouts
 of their own (no shared disk with the submitting folder), and an MLflow tracking server on PostgreSQL
-that proxies the artifacts (tests/service_fixtures.py). Everything is started here on localhost and stopped afterwards."""
+that proxies the artifacts (tests/service_fixtures.py). The Prefect side is services/prefect_pool.py, which
+benchmarks/fan_out_scaling.py runs too. Everything is started here on localhost and stopped afterwards."""
 
 from __future__ import annotations
 
@@ -18,89 +19,24 @@ import pytest
 import yaml
 
 from conftest import build_tiny_bert, toy_corpus
-from service_fixtures import free_port
+from services.prefect_pool import PrefectPool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("bertshrink", "flows", "tasks", "tracking")
-PREFECT = [sys.executable, "-m", "prefect"]
-
-
-def wait_for_http(url: str, seconds: float, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"{process.args} exited with {process.returncode}"
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer in {seconds} s")
-
-
-def checkout(folder: Path) -> Path:
-    """A worker's checkout: the code and prefect.yaml, nothing the submitting folder made."""
-    folder.mkdir(parents=True)
-    for package in PACKAGES:
-        shutil.copytree(REPO / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "prefect.yaml", folder / "prefect.yaml")
-    return folder
-
-
-def prefect_env(api_url: str, home: Path, tracking_uri: str) -> dict:
-    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home), "MLFLOW_TRACKING_URI": tracking_uri,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PYTHONPATH", None)
-    return env
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop a process group started here (a worker's flow runs with it)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
 
 
 @pytest.fixture
 def stack(tmp_path, mlflow_tracking_uri):
     """Prefect server + work pool `local` + the `recipe` deployment + 2 workers, on the session's MLflow
     server (PostgreSQL, proxied artifacts)."""
-    started = []
+    pool = PrefectPool(tmp_path, mlflow_tracking_uri, REPO)
     try:
-        tracking_uri = mlflow_tracking_uri
-        port = free_port()
-        api = f"http://127.0.0.1:{port}/api"
-        env = prefect_env(api, tmp_path / "prefect-home", tracking_uri)
-        server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=open(tmp_path / "prefect-server.log", "w"),
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        started.append(server)
-        wait_for_http(f"{api}/health", 600, server)
-        subprocess.run([*PREFECT, "work-pool", "create", "local", "--type", "process"], env=env, check=True,
-                       capture_output=True)
-        deployed = subprocess.run([*PREFECT, "--no-prompt", "deploy", "--name", "recipe"], env=env, cwd=REPO,
-                                  capture_output=True, text=True)
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        workers = {}
-        for name in ("w1", "w2"):
-            home = checkout(tmp_path / name)
-            log = open(tmp_path / f"{name}.log", "w")
-            workers[name] = home
-            started.append(subprocess.Popen(
-                [*PREFECT, "worker", "start", "--pool", "local", "--limit", "1", "--name", name],
-                env={**env, "BERTSHRINK_HOME": str(home)}, cwd=home, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True))
-        yield {"env": env, "workers": workers, "tmp": tmp_path, "api": api}
+        pool.start()
+        workers = {name: pool.start_worker(name) for name in ("w1", "w2")}
+        yield {"env": pool.env, "workers": workers, "tmp": tmp_path, "api": pool.api}
     finally:
-        for process in reversed(started):
-            stop(process)
+        pool.stop()
 
 
 def write_params(folder: Path, recipes: dict, model_name: str, **overrides) -> Path:
