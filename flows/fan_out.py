@@ -8,6 +8,9 @@ workers do the scheduling; bertshrink only submits and waits.
 
 A recipe already registered for this teacher (same content) as it is written now is not run again.
 A flow run that fails, crashes or is cancelled is named; the others' results are kept.
+
+The search's trials fan out through the same pieces (``pool_deployment``, ``submit``, ``run_on_pool``;
+``flows/search.py``).
 """
 
 from __future__ import annotations

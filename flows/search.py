@@ -30,7 +30,7 @@ from bertshrink.config.artifacts import Artifacts
 from bertshrink.config.params import Params
 from bertshrink.config.recipes import SEARCH_PREFIX
 from bertshrink.data.prepare import load_prepared
-from bertshrink.errors import CompressionError, MissingArtifactError
+from bertshrink.errors import CompressionError, MissingArtifactError, ScaleOutError
 from bertshrink.modelfolder.families import family_of
 from bertshrink.modelfolder.files import CONFIG_FILE
 from bertshrink.modelfolder.size import content_fingerprint
@@ -41,7 +41,6 @@ from bertshrink.search.space import SpaceContext, recipe_steps, recipe_yaml, sug
 from bertshrink.search.study import (FULL, MODEL_FINGERPRINT, PROXY, PROXY_TRIAL, SCORES, Budget, SearchStudy,
                                      TrialSpec, more_full_trials, more_proxy_trials, printable_storage,
                                      require_server_storage, study_key)
-from bertshrink.errors import ScaleOutError
 from flows._cli import parse_args, run_cli
 from flows.evaluate import evaluate_flow
 from flows.fan_out import Submitted, pool_deployment, run_on_pool, submit, teacher_version_of

@@ -118,14 +118,14 @@ def stack(tmp_path, mlflow_tracking_uri, postgres):
 
 
 def search_section(storage: str | None) -> dict:
-    return {"search": {"enabled": True, "storage": storage, "budget_minutes": 30, "max_trials": 3, "eta": 3,
+    return {"search": {"enabled": True, "storage": storage, "budget_minutes": 30, "max_trials": 2, "eta": 2,
                        "max_full_trials": 1, "max_front_size": 1, "latency_iterations": 3,
                        "proxy": {"train_rows": 30, "epochs": 1}, "space": TINY_SPACE}}
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_search_trials_run_as_flow_runs_on_two_workers_and_tell_the_shared_study(stack, study_db):
+def test_search_trials_run_as_flow_runs_on_two_workers_and_tell_the_shared_study(stack, study_db, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from bertshrink.modelfolder.size import content_fingerprint
@@ -134,23 +134,23 @@ def test_search_trials_run_as_flow_runs_on_two_workers_and_tell_the_shared_study
     submitter.mkdir()
     share_params(write_params(submitter, {}, "searched", search_section(study_db)), stack["workers"])
 
-    done = run_pipeline(submitter, stack["env"])
+    done = run_pipeline(submitter, stack["env"], timeout=1800)   # minutes on an idle machine; niced beside a busy one, more
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stderr.count("submitted search trial") == 4, done.stderr[-4000:]
+    assert done.stderr.count("submitted search trial") == 3, done.stderr[-4000:]
 
     # every trial was a flow run of the search-trial deployment, and both workers ran some
     runs = flow_runs(stack["api"], {"flow_runs": {"name": {"like_": "search-"}}})
-    assert sorted(r["name"] for r in runs) == ["search-full-0", "search-proxy-0", "search-proxy-1", "search-proxy-2"]
+    assert sorted(r["name"] for r in runs) == ["search-full-0", "search-proxy-0", "search-proxy-1"]
     assert all(r["state_type"] == "COMPLETED" and r["work_pool_name"] == "local" for r in runs), runs
     ran = {name: sorted(p.name for p in (home / "reports/search/recipes").glob("*.yaml"))
            for name, home in stack["workers"].items()}
-    assert len(ran["w1"] + ran["w2"]) == 4 and ran["w1"] and ran["w2"], ran
+    assert len(ran["w1"] + ran["w2"]) == 3 and ran["w1"] and ran["w2"], ran
     assert not (submitter / "reports/search/recipes").exists()   # no trial ran on the submitting machine
 
     # the study in PostgreSQL holds them, complete, told by the workers
     front = json.loads((submitter / "reports/search/front.json").read_text())
-    assert front["storage"] == study_db and front["trials"] == {"proxy": 3, "full": 1} and not front["failed"]
-    for stage, count in ((PROXY, 3), (FULL, 1)):
+    assert front["storage"] == study_db and front["trials"] == {"proxy": 2, "full": 1} and not front["failed"]
+    for stage, count in ((PROXY, 2), (FULL, 1)):
         trials = optuna.load_study(study_name=front["studies"][stage], storage=study_db).trials
         assert [t.state for t in trials] == [TrialState.COMPLETE] * count
         assert all(SCORES in t.user_attrs and t.user_attrs["mlflow_run_id"] for t in trials)
@@ -168,8 +168,13 @@ def test_search_trials_run_as_flow_runs_on_two_workers_and_tell_the_shared_study
     search_run = client.get_run(trial_run.data.tags["mlflow.parentRunId"])
     assert search_run.info.run_name == "search" and trial_run.info.run_name == "search:full-0"
 
-    # with the study in a SQLite file only this machine sees, the pipeline refuses before any work
-    share_params(write_params(submitter, {}, "searched", search_section(None)), stack["workers"])
-    refused = run_pipeline(submitter, stack["env"])
-    assert refused.returncode == ScaleOutError.exit_code, refused.stderr[-3000:]
-    assert "search.storage is null" in refused.stderr and "submitted" not in refused.stderr
+    # with the study in a SQLite file only this machine sees, the server's deployment is refused before any work
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.search import search_deployment
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack["env"]["MLFLOW_TRACKING_URI"])
+    with temporary_settings({PREFECT_API_URL: stack["api"]}):
+        assert search_deployment(parse_params({**search_section(study_db)})).name == "search-trial"
+        with pytest.raises(ScaleOutError, match="search.storage is null"):
+            search_deployment(parse_params(search_section(None)))
