@@ -8,6 +8,9 @@ workers do the scheduling; bertshrink only submits and waits.
 
 A recipe already registered for this teacher (same content) as it is written now is not run again.
 A flow run that fails, crashes or is cancelled is named; the others' results are kept.
+
+The search's trials fan out through the same pieces (``pool_deployment``, ``submit``, ``run_on_pool``;
+``flows/search.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -28,6 +32,7 @@ from prefect.states import Cancelling
 from bertshrink.config.artifacts import TEACHER, Artifacts
 from bertshrink.config.params import Params
 from bertshrink.config.recipes import recipe_fingerprint
+from bertshrink.config.scale_out import ScaleOutParams
 from bertshrink.errors import ScaleOutError
 from bertshrink.modelfolder.size import content_fingerprint
 from tasks.transfer import fetch_candidate_task
@@ -35,85 +40,117 @@ from tracking.runs import require_shared_tracking
 from tracking.transfer import done_recipe_version
 
 
-def recipe_deployment(params: Params) -> DeploymentResponse | None:
-    """The deployment to submit recipes to, or None to run them in this process.
+def pool_deployment(params: Params, name: str, what: str) -> DeploymentResponse | None:
+    """Deployment ``name`` ("<flow>/<deployment>") to submit ``what`` to, or None to run it in this process.
 
     ``scale_out.mode``: ``local`` never fans out; ``auto`` fans out when a Prefect server has the
-    deployment on a work pool; ``deployment`` insists, and says what is missing.
+    deployment on a work pool; ``deployment`` insists, and says what is missing. Fanning out needs a
+    shared MLflow tracking server (``ScaleOutError`` before any work otherwise).
     """
     scale, insist = params.scale_out, params.scale_out.mode == "deployment"
     if scale.mode == "local":
         return None
     if not PREFECT_API_URL.value():
         if insist:
-            raise ScaleOutError("scale_out.mode is 'deployment', but PREFECT_API_URL is not set: point it at the "
-                                "Prefect server whose work pool runs the recipes (or set scale_out.mode: auto).")
+            raise ScaleOutError(f"scale_out.mode is 'deployment', but PREFECT_API_URL is not set: point it at the "
+                                f"Prefect server whose work pool runs the {what} (or set scale_out.mode: auto).")
         return None
     with get_client(sync_client=True) as client:
         try:
-            deployment = client.read_deployment_by_name(scale.recipe_deployment)
+            deployment = client.read_deployment_by_name(name)
         except ObjectNotFound:
             if insist:
-                raise ScaleOutError(f"the Prefect server at PREFECT_API_URL has no deployment "
-                                    f"'{scale.recipe_deployment}': run `prefect deploy --name recipe` from the "
-                                    "repository root, and start a worker on its pool.") from None
+                raise ScaleOutError(f"the Prefect server at PREFECT_API_URL has no deployment '{name}': run "
+                                    f"`prefect deploy --name {name.split('/', 1)[1]}` from the repository root, and "
+                                    "start a worker on its pool.") from None
             return None
     if not deployment.work_pool_name:
-        raise ScaleOutError(f"deployment '{scale.recipe_deployment}' has no work pool: set `work_pool.name` in "
-                            "prefect.yaml and deploy it again.")
-    require_shared_tracking(f"running recipes on work pool '{deployment.work_pool_name}'")
+        raise ScaleOutError(f"deployment '{name}' has no work pool: set `work_pool.name` in prefect.yaml and deploy "
+                            "it again.")
+    require_shared_tracking(f"running {what} on work pool '{deployment.work_pool_name}'")
     return deployment
+
+
+def recipe_deployment(params: Params) -> DeploymentResponse | None:
+    """The deployment to submit recipes to (``scale_out.recipe_deployment``), or None to run them here."""
+    return pool_deployment(params, params.scale_out.recipe_deployment, "recipes")
 
 
 @dataclass
 class Submitted:
-    """A recipe's flow run in flight."""
+    """A flow run in flight: what it runs (a recipe's name, a trial's), its id and name."""
 
-    recipe: str
+    key: str
     flow_run_id: UUID
     flow_run_name: str
-    since: float
+    since: float = field(default_factory=time.monotonic)
+
+    def named(self) -> str:
+        return f"flow run {self.flow_run_name} ({self.flow_run_id})"
 
 
-def submit(deployment: DeploymentResponse, params_file: str, params: Params, recipe: str, teacher_version: str,
-           parent_run_id: str | None) -> Submitted:
-    """One flow run of the recipe deployment; returns at once (``timeout=0``)."""
-    flow_run = run_deployment(
-        deployment.id, timeout=0, flow_run_name=f"recipe-{recipe}", tags=["bertshrink", f"recipe:{recipe}"],
-        parameters={"params_file": params_file, "recipe": recipe, "teacher_version": teacher_version,
-                    "recipe_fingerprint": recipe_fingerprint(params.compress.recipes[recipe]),
-                    "parent_run_id": parent_run_id})
-    print(f"bertshrink: submitted recipe {recipe} as flow run {flow_run.name} ({flow_run.id}) to work pool "
+def submit(deployment: DeploymentResponse, key: str, what: str, flow_run_name: str, parameters: dict,
+           tags: list[str]) -> Submitted:
+    """One flow run of ``deployment`` for ``key`` (``what``: how the console names it); returns at once
+    (``timeout=0``)."""
+    flow_run = run_deployment(deployment.id, timeout=0, flow_run_name=flow_run_name, tags=["bertshrink", *tags],
+                              parameters=parameters)
+    print(f"bertshrink: submitted {what} as flow run {flow_run.name} ({flow_run.id}) to work pool "
           f"{deployment.work_pool_name}.", file=sys.stderr)
-    return Submitted(recipe, flow_run.id, flow_run.name, time.monotonic())
+    return Submitted(key, flow_run.id, flow_run.name)
+
+
+def run_on_pool(scale: ScaleOutParams, submit_next: Callable[[int], Submitted | None],
+                ended: Callable[[Submitted, str | None], None]) -> None:
+    """Submit flow runs while ``submit_next(in flight)`` gives one (at most ``scale.concurrency`` in
+    flight), poll their states, and call ``ended(run, None or why it did not complete)`` for each.
+
+    A run still unfinished after ``scale.recipe_timeout_minutes`` is cancelled: a worker killed outright
+    leaves its flow run RUNNING on the server.
+    """
+    timeout = scale.recipe_timeout_minutes * 60 if scale.recipe_timeout_minutes else None
+    running: dict[UUID, Submitted] = {}
+    with get_client(sync_client=True) as client:
+        while True:
+            while len(running) < scale.concurrency and (run := submit_next(len(running))) is not None:
+                running[run.flow_run_id] = run
+            if not running:
+                return
+            time.sleep(scale.poll_seconds)
+            for run in list(running.values()):
+                state = client.read_flow_run(run.flow_run_id).state
+                if state is not None and state.is_final():
+                    why = None if state.is_completed() else \
+                        f"{run.named()} ended {state.name}: {state.message or ''}".rstrip(": ")
+                elif timeout and time.monotonic() - run.since > timeout:
+                    client.set_flow_run_state(run.flow_run_id, Cancelling(message="scale_out.recipe_timeout_minutes"),
+                                              force=True)
+                    why = (f"{run.named()} still {state.name if state else 'unknown'} after "
+                           f"{scale.recipe_timeout_minutes} min (scale_out.recipe_timeout_minutes); cancelled. "
+                           "Was its worker killed?")
+                else:
+                    continue
+                del running[run.flow_run_id]
+                ended(run, why)
 
 
 def wait_for_recipes(deployment: DeploymentResponse, params_file: str, params: Params, recipes: list[str],
                      teacher_version: str, parent_run_id: str | None) -> dict[str, str | None]:
     """Submit ``recipes`` (at most ``scale_out.concurrency`` in flight) and wait for each to end;
     returns recipe -> None (completed) or why it did not."""
-    scale, pending, running, outcome = params.scale_out, list(recipes), {}, {}
-    timeout = scale.recipe_timeout_minutes * 60 if scale.recipe_timeout_minutes else None
-    with get_client(sync_client=True) as client:
-        while pending or running:
-            while pending and len(running) < scale.concurrency:
-                recipe = pending.pop(0)
-                running[recipe] = submit(deployment, params_file, params, recipe, teacher_version, parent_run_id)
-            time.sleep(scale.poll_seconds)
-            for recipe, run in list(running.items()):
-                state = client.read_flow_run(run.flow_run_id).state
-                if state is not None and state.is_final():
-                    outcome[recipe] = None if state.is_completed() else \
-                        f"flow run {run.flow_run_name} ({run.flow_run_id}) ended {state.name}: {state.message or ''}".rstrip(": ")
-                elif timeout and time.monotonic() - run.since > timeout:
-                    client.set_flow_run_state(run.flow_run_id, Cancelling(message="scale_out.recipe_timeout_minutes"),
-                                              force=True)
-                    outcome[recipe] = (f"flow run {run.flow_run_name} ({run.flow_run_id}) still "
-                                       f"{state.name if state else 'unknown'} after {scale.recipe_timeout_minutes} min "
-                                       "(scale_out.recipe_timeout_minutes); cancelled. Was its worker killed?")
-                else:
-                    continue
-                del running[recipe]
+    pending, outcome = list(recipes), {}
+
+    def submit_next(_: int) -> Submitted | None:
+        if not pending:
+            return None
+        recipe = pending.pop(0)
+        return submit(deployment, recipe, f"recipe {recipe}", f"recipe-{recipe}", {
+            "params_file": params_file, "recipe": recipe, "teacher_version": teacher_version,
+            "recipe_fingerprint": recipe_fingerprint(params.compress.recipes[recipe]),
+            "parent_run_id": parent_run_id}, [f"recipe:{recipe}"])
+
+    run_on_pool(params.scale_out, submit_next,
+                lambda run, why: outcome.__setitem__(run.key, why))
     return outcome
 
 

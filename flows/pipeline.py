@@ -38,7 +38,7 @@ from flows.prepare import prepare_flow
 from flows.promote import promote_flow
 from flows.register import evaluate_and_register, register_flow
 from flows.report import report_flow
-from flows.search import search_flow
+from flows.search import search_deployment, search_flow
 from flows.teacher import teacher_flow
 from flows.validate import validate_flow
 from tracking.runs import git_commit, log_artifact, log_metrics, pipeline_run, set_tags
@@ -108,11 +108,11 @@ def run_recipes(params: Params, params_file: str, parent: str, deployment) -> tu
     return evaluate_and_register_candidates(params, parent, compressed)
 
 
-def run_search(params: Params, parent: str, failed: dict[str, str]) -> dict | None:
+def run_search(params: Params, params_file: str, parent: str, failed: dict[str, str]) -> dict | None:
     """The optional search stage (``search.enabled``): its front's members join the comparison, the
     promotion and the report like recipes. A failed search is reported like a failed recipe."""
     try:
-        searched = search_flow(params, parent)
+        searched = search_flow(params, parent, params_file=params_file)
     except Exception as err:  # the recipes' candidates still go on to compare, promote and report
         failed["search"] = f"{type(err).__name__}: {err}"
         return None
@@ -126,6 +126,8 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
     params: Params = load_params(params_file)
     started = time.time()
     deployment = recipe_deployment(params)  # before any work: a wrong scale-out setup fails now
+    if params.search.enabled:
+        search_deployment(params)            # the same for the search's trials (and their study's storage)
     with pipeline_run(params.registry) as parent:
         set_tags(parent, {"params_file": params_file, "git_commit": git_commit()})
         prepare_flow(params, parent)
@@ -137,7 +139,7 @@ def pipeline_flow(params_file: str = str(DEFAULT_PARAMS_FILE), dvc_commit: bool 
             results += evaluate_flow(params, parent, [floor_flow(params, parent)["model_dir"]])
         candidate_results, candidate_records, failed = run_recipes(params, params_file, parent, deployment)
         results, registered = results + candidate_results, registered + candidate_records
-        searched = run_search(params, parent, failed) if params.search.enabled else None
+        searched = run_search(params, params_file, parent, failed) if params.search.enabled else None
         if searched:
             results, registered = results + searched["results"], registered + searched["registered"]
         if len(results) > 1:

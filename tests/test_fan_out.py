@@ -1,74 +1,30 @@
 """Recipes fanned out over a real Prefect work pool: a Prefect server, two process workers on checkouts
 of their own (no shared disk with the submitting folder), and an MLflow tracking server on PostgreSQL
-that proxies the artifacts (tests/service_fixtures.py). The Prefect side is services/prefect_pool.py, which
-benchmarks/fan_out_scaling.py runs too. Everything is started here on localhost and stopped afterwards."""
+that proxies the artifacts (tests/prefect_stack.py, tests/service_fixtures.py). Everything is started
+here on localhost and stopped afterwards."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import httpx
 import pytest
-import yaml
 
-from conftest import build_tiny_bert, toy_corpus
-from services.prefect_pool import PrefectPool
+from prefect_stack import REPO, flow_runs, prefect_stack, run_pipeline, share_params, write_params
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def stack(tmp_path, mlflow_tracking_uri):
     """Prefect server + work pool `local` + the `recipe` deployment + 2 workers, on the session's MLflow
     server (PostgreSQL, proxied artifacts)."""
-    pool = PrefectPool(tmp_path, mlflow_tracking_uri, REPO)
-    try:
-        pool.start()
-        workers = {name: pool.start_worker(name) for name in ("w1", "w2")}
-        yield {"env": pool.env, "workers": workers, "tmp": tmp_path, "api": pool.api}
-    finally:
-        pool.stop()
-
-
-def write_params(folder: Path, recipes: dict, model_name: str, **overrides) -> Path:
-    """Tiny params, as written in the submitting folder and copied into the workers' checkouts."""
-    teacher = build_tiny_bert(folder / "encoder", num_labels=None) if not (folder / "encoder").exists() else folder / "encoder"
-    corpus = folder / "toy.csv"
-    toy_corpus().to_csv(corpus, index=False)
-    params = {
-        "data": {"source": str(corpus), "validation_size": 0.2, "test_size": 0.2},
-        "validate": {"min_train_rows": 20, "min_eval_rows": 5},
-        "teacher": {"model": str(teacher), "max_length": 32, "epochs": 2, "batch_size": 8, "warmup_ratio": 0.0,
-                    "learning_rate": 3e-3, "logging_steps": 2, "save_steps": 10},
-        "evaluate": {"warmup_iterations": 1, "timed_iterations": 3, "max_length": 32, "batch_sizes": [1], "rounds": 1},
-        "registry": {"experiment": "fan-out", "model_name": model_name, "min_retention": 0.5, "min_agreement": 0.5},
-        "floor": {"enabled": False},
-        "compress": {"baseline": None, "recipes": recipes, "max_accuracy_drop": 1.0},  # a 2-epoch teacher: keep every candidate
-        "scale_out": {"mode": "deployment", "concurrency": 2, "poll_seconds": 1, **overrides},
-    }
-    path = folder / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
-
-
-def share_params(params_file: Path, workers: dict) -> None:
-    for home in workers.values():
-        shutil.copy(params_file, home / "params.yaml")
-
-
-def run_pipeline(folder: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", "params.yaml", "--no-dvc-commit"],
-                          cwd=folder, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                          timeout=timeout)
+    with prefect_stack(tmp_path, mlflow_tracking_uri, ("recipe",)) as started:
+        yield started
 
 
 def recipe_versions(tracking_uri: str, model_name: str, recipe: str) -> list:
@@ -122,12 +78,8 @@ def test_recipes_fan_out_over_two_workers_and_a_rerun_skips_them(stack):
 def flow_run_of(api: str, env: dict, recipe: str, state: str) -> dict | None:
     """The newest flow run named ``recipe-<recipe>`` in ``state``, through the Prefect API (None also
     while the server, on SQLite and a loaded machine, is too slow to answer)."""
-    try:
-        found = httpx.post(f"{api}/flow_runs/filter", json={
-            "flow_runs": {"name": {"any_": [f"recipe-{recipe}"]}, "state": {"type": {"any_": [state]}}},
-            "sort": "EXPECTED_START_TIME_DESC", "limit": 1}, timeout=30).json()
-    except httpx.HTTPError:
-        return None
+    found = flow_runs(api, {"flow_runs": {"name": {"any_": [f"recipe-{recipe}"]}, "state": {"type": {"any_": [state]}}},
+                            "sort": "EXPECTED_START_TIME_DESC", "limit": 1})
     return found[0] if found else None
 
 

@@ -108,6 +108,35 @@ def _copy_file(source: Path, target: Path) -> None:
     partial.replace(target)
 
 
+def log_model_folder(run_id: str, model_dir: Path) -> str:
+    """A model a worker made (a search trial's) under run ``run_id``'s ``bertshrink/model``; returns its
+    content fingerprint, which ``fetch_model_folder`` checks."""
+    log_artifact(run_id, Path(model_dir), f"{BUNDLE}/{MODEL}")
+    return content_fingerprint(model_dir)
+
+
+def fetch_model_folder(run_id: str, target: Path, fingerprint: str) -> bool:
+    """Put run ``run_id``'s ``bertshrink/model`` at ``target`` (swapped in whole); False where ``target``
+    already holds that model."""
+    try:
+        if target.is_dir() and content_fingerprint(target) == fingerprint:
+            return False
+    except OSError:
+        pass
+    with tempfile.TemporaryDirectory(prefix="bertshrink-model-") as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{BUNDLE}/{MODEL}",
+                                                             dst_path=tmp))
+        except Exception as err:  # MLflow raises several types for "no such artifact"
+            raise MissingArtifactError(f"MLflow run {run_id} has no '{BUNDLE}/{MODEL}' artifacts to fetch "
+                                       f"({type(err).__name__}: {err}).") from err
+        _swap_folder(local, target)
+    if content_fingerprint(target) != fingerprint:
+        raise MissingArtifactError(f"the model fetched from MLflow run {run_id} does not match its fingerprint "
+                                   f"{fingerprint[:12]}: its artifacts were changed after the run.")
+    return True
+
+
 def registration_record(version: ModelVersion, alias: str) -> dict:
     """What the register stage writes about a version, rebuilt from the registry."""
     tags = version.tags

@@ -1,4 +1,4 @@
-"""The ``scale_out`` section: recipes run as flow runs of a Prefect deployment on a work pool.
+"""The ``scale_out`` section: recipes and search trials run as flow runs of Prefect deployments on a work pool.
 
 bertshrink schedules nothing itself: Prefect's workers run the recipes, MLflow's tracking server
 holds what they produce, and the pipeline only submits, waits and collects (``flows/fan_out.py``).
@@ -17,14 +17,16 @@ Mode = Literal["auto", "local", "deployment"]
 
 
 class ScaleOutParams(Knobs):
-    """Where recipes run, and how many at once."""
+    """Where recipes and search trials run, and how many at once."""
 
     mode: Mode = "auto"
     # "<flow name>/<deployment name>", as prefect.yaml's `recipe` deployment of flows/recipe.py.
     recipe_deployment: str = Field("recipe/recipe", pattern=r"^[^/\s]+/[^/\s]+$")
+    # The same for one search trial (flows/search_trial.py); the study must then be on a server RDB.
+    search_deployment: str = Field("search-trial/search-trial", pattern=r"^[^/\s]+/[^/\s]+$")
     # Flow runs in flight at once; the work pool's own limit (and its workers) bound it too.
     concurrency: int = Field(4, ge=1, le=1024)
     poll_seconds: float = Field(5.0, gt=0.0, le=600.0)
-    # A recipe's flow run that has not finished after this long is cancelled and named (null = wait):
+    # A recipe's (or a search trial's) flow run that has not finished after this long is cancelled and named (null = wait):
     # a worker killed outright leaves its flow run RUNNING on the server for ever.
     recipe_timeout_minutes: float | None = Field(None, gt=0.0)

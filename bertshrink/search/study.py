@@ -4,7 +4,8 @@ Two studies share one RDB storage (SQLite by default, or the tracking server's P
 ``<name>-proxy`` samples many cheap trials (NSGA-II or TPE, with the registry's constraints), and
 ``<name>-full`` trains the proxy winners, enqueued with their params, on the full budget. Optuna's
 pruners do not apply to multi-objective studies; the two studies are successive halving made
-explicit. A rerun loads both (``load_if_exists``): finished trials are not repeated, and a trial a
+explicit. Trials run here or on a work pool's workers (asked here, told there, through a server
+RDB). A rerun loads both (``load_if_exists``): finished trials are not repeated, and a trial a
 killed process left RUNNING is marked FAIL and its params enqueued again.
 """
 
@@ -27,6 +28,7 @@ from sqlalchemy.engine import make_url
 
 from bertshrink.config.knobs import PromotionConstraints
 from bertshrink.config.search import SearchParams
+from bertshrink.errors import ScaleOutError
 from bertshrink.search.front import DIRECTIONS, Scored, constraint_margins
 
 PROXY, FULL = "proxy", "full"
@@ -35,6 +37,8 @@ OWNER = "owner"               # user attr: host:pid:process start (ms) of the pr
 SCORES, ERROR = "scores", "error"
 PROXY_TRIAL, RETRY_OF = "proxy_trial", "retry_of"
 KILLED = "its process was killed; params enqueued again"
+MODEL_FINGERPRINT = "model_fingerprint"   # user attr of a full trial run on a worker: its model, in its MLflow run
+SERVER_BACKENDS = ("postgresql", "mysql")
 
 
 # ---------------------------------------------------------------- naming and storage
@@ -55,6 +59,19 @@ def study_key(search: SearchParams, constraints: PromotionConstraints, teacher_f
 def printable_storage(url: str) -> str:
     """The storage URL without its password, for logs, tags and reports."""
     return make_url(url).render_as_string(hide_password=True)
+
+
+def require_server_storage(storage: str | None) -> None:
+    """Trials on other machines tell their scores to the study: it must live on a database server they
+    all reach, not in a SQLite file only this machine sees."""
+    backend = make_url(storage).get_backend_name() if storage else "sqlite"
+    if backend not in SERVER_BACKENDS:
+        raise ScaleOutError(
+            f"search trials on a work pool need the study on a database server every worker reaches, but "
+            f"search.storage is {printable_storage(storage) if storage else 'null (a SQLite file on this machine)'}. "
+            "Set search.storage to the tracking server's PostgreSQL, e.g. postgresql+psycopg2://bertshrink@<host>:5432/"
+            "optuna (password in PGPASSWORD or ~/.pgpass; `make services` creates the optuna database), or set "
+            "scale_out.mode: local to run the trials here.")
 
 
 def ensure_sqlite_folder(url: str) -> None:
@@ -111,6 +128,25 @@ class Budget:
 
     def open(self) -> bool:
         return self.elapsed_minutes < self.minutes
+
+
+# ---------------------------------------------------------------- when to start another trial
+
+
+def more_proxy_trials(study: "SearchStudy", search: SearchParams, budget: Budget, in_flight: int = 0) -> bool:
+    """Start another proxy trial: fewer than ``max_trials`` attempted or under way, and the proxy's share
+    of the budget left; past the budget only while no trial finished and none is under way."""
+    if study.attempted(PROXY) + in_flight >= search.max_trials:
+        return False
+    return budget.proxy_open() or (not study.trials(PROXY) and in_flight == 0)
+
+
+def more_full_trials(study: "SearchStudy", budget: Budget, in_flight: int = 0) -> bool:
+    """Start another full trial: one is enqueued and the budget lasts; past the budget only while no
+    full trial finished and none is under way (a search always ends with one)."""
+    if study.waiting(FULL) == 0:
+        return False
+    return budget.open() or (not study.trials(FULL) and in_flight == 0)
 
 
 # ---------------------------------------------------------------- the studies
@@ -181,6 +217,12 @@ class SearchStudy:
     def trial(self, stage: str, number: int) -> FrozenTrial:
         return self.studies[stage].trials[number]
 
+    def spec(self, stage: str, number: int) -> TrialSpec:
+        """Trial ``number`` of ``stage`` as asked (its params and attributes), read from the storage."""
+        trial = self.trial(stage, number)
+        attrs = {k: v for k, v in trial.user_attrs.items() if k not in (OWNER, ERROR, SCORES)}
+        return TrialSpec(stage, self.names[stage], number, dict(trial.params), attrs)
+
     def attempted(self, stage: str) -> int:
         """Trials of ``stage`` that ran to an end, finished or failed (one failed by a kill is retried,
         so it does not count)."""
@@ -221,17 +263,34 @@ class SearchStudy:
         attrs = {k: v for k, v in trial.user_attrs.items() if k != OWNER}
         return TrialSpec(stage, self.names[stage], trial.number, values, attrs)
 
+    def _handle(self, spec: TrialSpec) -> optuna.Trial:
+        """The trial asked here, or (on a worker, in another process) the same trial loaded by number."""
+        live = self._live.pop((spec.stage, spec.number), None)
+        if live is not None:
+            return live
+        return optuna.Trial(self.studies[spec.stage], self.trial(spec.stage, spec.number)._trial_id)
+
+    def claim(self, spec: TrialSpec) -> None:
+        """This process now runs ``spec`` (a worker took it over from the submitter): a rerun after this
+        process is killed recovers the trial."""
+        study = self.studies[spec.stage]
+        study._storage.set_trial_user_attr(self.trial(spec.stage, spec.number)._trial_id, OWNER, owner_id())
+
     def tell(self, spec: TrialSpec, scores: dict, **attrs: Any) -> FrozenTrial:
         """Record a trial's scores (its objectives: validation accuracy, p50 ms, MB)."""
-        trial = self._live.pop((spec.stage, spec.number))
+        trial = self._handle(spec)
         for key, value in {SCORES: scores, **attrs}.items():
             trial.set_user_attr(key, value)
         return self.studies[spec.stage].tell(trial, [scores["accuracy"], scores["p50_ms"], scores["size_mb"]])
 
     def fail(self, spec: TrialSpec, error: str) -> None:
-        trial = self._live.pop((spec.stage, spec.number))
+        trial = self._handle(spec)
         trial.set_user_attr(ERROR, error[:2000])
         self.studies[spec.stage].tell(trial, state=TrialState.FAIL)
+
+    def unfinished(self, spec: TrialSpec) -> bool:
+        """``spec`` is still RUNNING in the storage: nobody told its end (its worker died)."""
+        return self.trial(spec.stage, spec.number).state == TrialState.RUNNING
 
     # ------------------------------------------------------------ proxy -> full
     def enqueue_full(self, proxy_numbers: Iterable[int]) -> list[int]:
