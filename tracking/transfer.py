@@ -88,10 +88,15 @@ def fetch_bundle(version: ModelVersion, files: BundleFiles) -> bool:
 
 
 def _holds(files: BundleFiles, fingerprint: str | None) -> bool:
-    if not fingerprint or not files.model_dir.is_dir() or not files.metrics.is_file():
+    return files.metrics.is_file() and _folder_is(files.model_dir, fingerprint)
+
+
+def _folder_is(folder: Path, fingerprint: str | None) -> bool:
+    """``folder`` exists and holds the model of that content fingerprint."""
+    if not fingerprint or not folder.is_dir():
         return False
     try:
-        return content_fingerprint(files.model_dir) == fingerprint
+        return content_fingerprint(folder) == fingerprint
     except OSError:
         return False
 
@@ -118,11 +123,8 @@ def log_model_folder(run_id: str, model_dir: Path) -> str:
 def fetch_model_folder(run_id: str, target: Path, fingerprint: str) -> bool:
     """Put run ``run_id``'s ``bertshrink/model`` at ``target`` (swapped in whole); False where ``target``
     already holds that model."""
-    try:
-        if target.is_dir() and content_fingerprint(target) == fingerprint:
-            return False
-    except OSError:
-        pass
+    if _folder_is(target, fingerprint):
+        return False
     with tempfile.TemporaryDirectory(prefix="bertshrink-model-") as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{BUNDLE}/{MODEL}",

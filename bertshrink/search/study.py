@@ -130,6 +130,12 @@ class Budget:
         return self.elapsed_minutes < self.minutes
 
 
+def asked_attrs(trial: FrozenTrial) -> dict[str, Any]:
+    """A trial's attributes as it was asked (such as the proxy trial a full trial came from), without
+    what running it added: its owner, scores or error."""
+    return {k: v for k, v in trial.user_attrs.items() if k not in (OWNER, ERROR, SCORES)}
+
+
 # ---------------------------------------------------------------- when to start another trial
 
 
@@ -220,8 +226,7 @@ class SearchStudy:
     def spec(self, stage: str, number: int) -> TrialSpec:
         """Trial ``number`` of ``stage`` as asked (its params and attributes), read from the storage."""
         trial = self.trial(stage, number)
-        attrs = {k: v for k, v in trial.user_attrs.items() if k not in (OWNER, ERROR, SCORES)}
-        return TrialSpec(stage, self.names[stage], number, dict(trial.params), attrs)
+        return TrialSpec(stage, self.names[stage], number, dict(trial.params), asked_attrs(trial))
 
     def attempted(self, stage: str) -> int:
         """Trials of ``stage`` that ran to an end, finished or failed (one failed by a kill is retried,
@@ -248,8 +253,7 @@ class SearchStudy:
                     continue
                 study._storage.set_trial_user_attr(t._trial_id, ERROR, KILLED)
                 study.tell(t.number, state=TrialState.FAIL)
-                attrs = {k: v for k, v in t.user_attrs.items() if k not in (OWNER, ERROR, SCORES)}
-                study.enqueue_trial(dict(t.params), user_attrs={**attrs, RETRY_OF: t.number})
+                study.enqueue_trial(dict(t.params), user_attrs={**asked_attrs(t), RETRY_OF: t.number})
                 recovered.append(f"{self.names[stage]} #{t.number}")
         return recovered
 
