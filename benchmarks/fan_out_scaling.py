@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -44,6 +43,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from the repository root
 
+from bertshrink.evaluation.machine import machine_info  # noqa: E402
 from services.mlflow_server import MlflowServer  # noqa: E402
 from services.postgres import Postgres  # noqa: E402
 from services.prefect_pool import PrefectPool, free_port  # noqa: E402
@@ -55,15 +55,12 @@ ROUND = ROOT / "benchmarks" / "fan_out_round.py"
 # ----------------------------------------------------------------------------- facts and params
 
 def machine_facts() -> dict:
-    """What the wall times depend on: CPU model, cores this process may use, versions, commit."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor())
+    """What the wall times depend on: the evaluation's machine facts (CPU, flags, versions), the cores
+    this process may use, the load, the Prefect and MLflow versions, the commit."""
+    cores = len(os.sched_getaffinity(0))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {"cpu_model": model, "cores": len(os.sched_getaffinity(0)), "logical_cpus": os.cpu_count(),
-            "load_average_1_5_15": list(os.getloadavg()), "python": platform.python_version(),
-            "torch": version("torch"), "onnxruntime": version("onnxruntime"), "prefect": version("prefect"),
-            "mlflow": version("mlflow"), "git_commit": commit.stdout.strip() or None,
+    return {**machine_info(threads=cores), "cores": cores, "load_average_1_5_15": list(os.getloadavg()),
+            "prefect": version("prefect"), "mlflow": version("mlflow"), "git_commit": commit.stdout.strip() or None,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
