@@ -16,3 +16,4 @@ COPY tracking tracking
 RUN pip install -c requirements.lock .
 COPY params.yaml dvc.yaml prefect.yaml ./
 COPY configs configs
+COPY deploy/prefect deploy/prefect

@@ -37,6 +37,7 @@ from bertshrink.errors import ScaleOutError
 from bertshrink.modelfolder.size import content_fingerprint
 from tasks.transfer import fetch_candidate_task
 from tracking.runs import require_shared_tracking
+from flows.zombies import note_missing_zombie_automation
 from tracking.transfer import done_recipe_version
 
 
@@ -68,6 +69,7 @@ def pool_deployment(params: Params, name: str, what: str) -> DeploymentResponse 
         raise ScaleOutError(f"deployment '{name}' has no work pool: set `work_pool.name` in prefect.yaml and deploy "
                             "it again.")
     require_shared_tracking(f"running {what} on work pool '{deployment.work_pool_name}'")
+    note_missing_zombie_automation(scale)
     return deployment
 
 

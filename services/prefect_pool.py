@@ -112,6 +112,15 @@ class PrefectPool:
         self._prefect("work-pool", "create", self.pool, "--type", "process")
         self._prefect("--no-prompt", "deploy", *(arg for name in deployments for arg in ("--name", name)))
 
+    def crash_zombies(self, within_s: float | None = None) -> None:
+        """The zombie automation on this server, as a team creates it once (``python -m flows.zombies``);
+        ``within_s`` shortens its window (tests)."""
+        window = [] if within_s is None else ["--within", str(within_s)]
+        done = subprocess.run([sys.executable, "-m", "flows.zombies", *window], env=self.env, cwd=self.repo,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ServiceError(f"python -m flows.zombies failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+
     def _prefect(self, *args: str) -> None:
         done = subprocess.run([*PREFECT, *args], env=self.env, cwd=self.repo, capture_output=True, text=True)
         if done.returncode != 0:

@@ -24,16 +24,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 @contextmanager
 def prefect_stack(tmp_path: Path, tracking_uri: str, deployments: tuple[str, ...],
-                  extra_env: dict | None = None) -> Iterator[dict]:
+                  extra_env: dict | None = None, zombie_within_s: float | None = None) -> Iterator[dict]:
     """Prefect server + work pool `local` + ``deployments`` (prefect.yaml names) + 2 workers (w1, w2;
     one flow run at a time each), from services/prefect_pool.py; yields ``env`` (for the submitter),
-    ``workers`` (name -> checkout), ``tmp`` and ``api``. ``extra_env`` reaches the submitter and the
-    workers' flow runs."""
+    ``workers`` (name -> checkout), ``tmp``, ``api`` and ``worker_processes``. ``extra_env`` reaches the
+    submitter and the workers' flow runs; ``zombie_within_s`` creates the zombie automation with that window."""
     pool = PrefectPool(tmp_path, tracking_uri, REPO)
     try:
         pool.start(deployments)
+        if zombie_within_s is not None:
+            pool.crash_zombies(zombie_within_s)
         workers = {name: pool.start_worker(name, extra_env) for name in ("w1", "w2")}
-        yield {"env": {**pool.env, **(extra_env or {})}, "workers": workers, "tmp": tmp_path, "api": pool.api}
+        yield {"env": {**pool.env, **(extra_env or {})}, "workers": workers, "tmp": tmp_path, "api": pool.api,
+               "worker_processes": {name: process for name, (process, _) in pool.workers.items()}}
     finally:
         pool.stop()
 

@@ -52,7 +52,8 @@ def mlflow_command() -> list[str]:
 
 def test_the_team_services_are_all_there():
     services = compose()["services"]
-    assert set(services) == {"postgres", "mlflow", "prefect-server", "worker"}
+    assert set(services) == {"postgres", "mlflow", "prefect-server", "prefect-setup", "worker"}
+    assert services["prefect-setup"]["command"] == ["python", "-m", "flows.zombies"]   # the zombie automation, once
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["worker"]["command"][:3] == ["prefect", "worker", "start"]
     assert services["worker"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"

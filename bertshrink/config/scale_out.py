@@ -28,5 +28,6 @@ class ScaleOutParams(Knobs):
     concurrency: int = Field(4, ge=1, le=1024)
     poll_seconds: float = Field(5.0, gt=0.0, le=600.0)
     # A recipe's (or a search trial's) flow run that has not finished after this long is cancelled and named (null = wait):
-    # a worker killed outright leaves its flow run RUNNING on the server for ever.
+    # a worker killed outright leaves its flow run RUNNING on the server, unless the server has the zombie automation
+    # (python -m flows.zombies), which marks it Crashed once its heartbeats stop.
     recipe_timeout_minutes: float | None = Field(None, gt=0.0)
