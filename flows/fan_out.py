@@ -35,9 +35,9 @@ from bertshrink.config.recipes import recipe_fingerprint
 from bertshrink.config.scale_out import ScaleOutParams
 from bertshrink.errors import ScaleOutError
 from bertshrink.modelfolder.size import content_fingerprint
+from flows.zombies import note_missing_zombie_automation
 from tasks.transfer import fetch_candidate_task
 from tracking.runs import require_shared_tracking
-from flows.zombies import note_missing_zombie_automation
 from tracking.transfer import done_recipe_version
 
 

@@ -39,10 +39,14 @@ def zombie_automation(within_s: float | None = None) -> AutomationCore:
     return AutomationCore.model_validate(spec)
 
 
+def _has_zombie_automation(client) -> bool:
+    return bool(client.read_automations_by_name(ZOMBIE_AUTOMATION))
+
+
 def ensure_zombie_automation(within_s: float | None = None) -> bool:
     """Create the automation on the current Prefect server unless it exists; True if created."""
     with get_client(sync_client=True) as client:
-        if client.read_automations_by_name(ZOMBIE_AUTOMATION):
+        if _has_zombie_automation(client):
             return False
         client.create_automation(zombie_automation(within_s))
     return True
@@ -52,7 +56,7 @@ def note_missing_zombie_automation(scale: ScaleOutParams) -> None:
     """Say so when the server has no zombie automation: a flow run whose worker dies then stays
     RUNNING, and only ``scale_out.recipe_timeout_minutes`` ends the wait."""
     with get_client(sync_client=True) as client:
-        if client.read_automations_by_name(ZOMBIE_AUTOMATION):
+        if _has_zombie_automation(client):
             return
     waits = (f"is cancelled after scale_out.recipe_timeout_minutes ({scale.recipe_timeout_minutes:g} min)"
              if scale.recipe_timeout_minutes else "is waited for without end (scale_out.recipe_timeout_minutes: null)")
@@ -60,10 +64,24 @@ def note_missing_zombie_automation(scale: ScaleOutParams) -> None:
           f"worker dies outright stays RUNNING and {waits}. Create it once: python -m flows.zombies", file=sys.stderr)
 
 
+# Two heartbeats at Prefect's shortest interval (30 s): a shorter window would crash healthy runs.
+MIN_WINDOW_S = 60.0
+
+
+def window_seconds(text: str) -> float:
+    """``--within``: seconds, at least ``MIN_WINDOW_S``."""
+    seconds = float(text)
+    if seconds < MIN_WINDOW_S:
+        raise argparse.ArgumentTypeError(f"{text} s is shorter than two heartbeats at Prefect's shortest interval "
+                                         f"(30 s): use at least {MIN_WINDOW_S:g}")
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--within", type=float, default=None, metavar="SECONDS",
-                        help="the window without heartbeats (default: the file's, 600; at least 3 heartbeats)")
+    parser.add_argument("--within", type=window_seconds, default=None, metavar="SECONDS",
+                        help="the window without heartbeats (default: the file's, 600; set it above 2 x "
+                             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers)")
     args = parser.parse_args(argv)
     try:
         if not PREFECT_API_URL.value():

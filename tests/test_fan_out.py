@@ -185,3 +185,11 @@ def test_a_worker_machine_that_dies_is_found_by_its_missing_heartbeats(zombie_st
     tracking_uri = stack["env"]["MLFLOW_TRACKING_URI"]
     assert recipe_versions(tracking_uri, "zombie", "slow") == []
     assert len(recipe_versions(tracking_uri, "zombie", "onnx")) == 1
+
+
+def test_a_zombie_window_shorter_than_two_heartbeats_is_refused(capsys):
+    from flows.zombies import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--within", "20"])
+    assert refused.value.code == 2 and "shorter than two heartbeats" in capsys.readouterr().err
