@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from the repository root
 from bertshrink.modelfolder.peers import current_peers  # noqa: E402
 from bertshrink.config.artifacts import Artifacts, read_json  # noqa: E402
 from bertshrink.config.params import load_params  # noqa: E402
-from bertshrink.selection.report import PLOTS, check_targets, machine_line, markdown_table, noise_warning, report_rows  # noqa: E402
+from bertshrink.selection.report import (PLOTS, check_targets, constraint_text, machine_line, markdown_table,  # noqa: E402
+                                        noise_warning, report_rows)
 from flows.report import report_names  # noqa: E402
 from tasks.report import load_results, registry_cell  # noqa: E402
 from tracking.runs import git_commit  # noqa: E402
@@ -99,9 +100,8 @@ def benchmarks_markdown(rows, promotion, champion, checks, plots, machine, param
              machine, "", "## Champion against the targets", ""]
     lines += targets_markdown(champion, checks)
     if promotion:
-        lines += [f"Rule: `{promotion['objective']}` among models with retention >= "
-                  f"{promotion['constraints'].get('min_retention')}, agreement >= "
-                  f"{promotion['constraints'].get('min_agreement')}. Challenger: {promotion['reason']}. "
+        lines += [f"Rule: `{promotion['objective']}` among models with {constraint_text(promotion['constraints'])}. "
+                  "Challenger: {promotion['reason']}. "
                   f"Champion: {promotion['champion_reason']}.", ""]
     lines += ["## Every model (SST-2 dev, 872 sentences)", "", markdown_table(rows), "",
               "Ratios: times smaller / faster than the PyTorch fp32 teacher / than `baseline-ort-int8` (ONNX Runtime "

@@ -123,7 +123,9 @@ def test_promotion_constraints_are_declared_once_and_composed_by_the_registry_se
     assert Constraints is PromotionConstraints and issubclass(RegistryParams, PromotionConstraints)
     # the rule alone has no limits; the registry section's defaults are the README's 98% / 95%
     assert Constraints().model_dump() == {"min_retention": None, "min_agreement": None,
-                                          "max_p95_ms": None, "max_size_mb": None}
+                                          "max_p95_ms": None, "max_size_mb": None, "retention_bound": "point"}
     assert constraints_of(RegistryParams()) == Constraints(min_retention=0.98, min_agreement=0.95)
     with pytest.raises(ParamsError, match=r"registry.max_p95_ms: Input should be greater than 0"):
         parse_params({"registry": {"max_p95_ms": 0}})
+    with pytest.raises(ParamsError, match=r"registry.retention_bound: Input should be 'point' or 'lower'"):
+        parse_params({"registry": {"retention_bound": "upper"}})

@@ -39,6 +39,17 @@ def test_each_broken_constraint_is_named(change, words):
     assert violations(model("m", **change), RULE) == [words]
 
 
+def test_the_lower_bound_rule_judges_the_intervals_lower_end():
+    close_call = Candidate("m", "1", 0.9, 0.99, 0.95, 5.0, 6.0, 20_000_000, retention_low=0.965, retention_high=1.01)
+    assert violations(close_call, RULE) == []
+    lower = RULE.model_copy(update={"retention_bound": "lower"})
+    assert violations(close_call, lower) == ["retention's 95% lower bound 96.50% breaks >= 98.00%"]
+    sure = Candidate("m", "1", 0.9, 0.99, 0.95, 5.0, 6.0, 20_000_000, retention_low=0.985, retention_high=0.995)
+    assert violations(sure, lower) == []
+    assert violations(model("no interval"), lower) == ["retention's 95% lower bound not measured"]
+    assert "val retention 99.0% [96.5%, 101.0%]" in describe(close_call)
+
+
 def test_no_limits_means_nothing_is_violated():
     assert violations(model("m", retention=0.1, agreement=0.1, p95=1e6, size=1e12), Constraints()) == []
 
@@ -199,11 +210,13 @@ def test_candidate_from_an_evaluation_result_prefers_the_compared_latency():
 def test_candidate_from_version_tags():
     tags = {"metric.test.accuracy": "0.9", "metric.behaviour.retention": "0.5", "metric.behaviour.agreement": "0.5",
             "metric.selection.accuracy": "0.85", "metric.selection.retention": "0.99",
-            "metric.selection.agreement": "0.95",
+            "metric.selection.agreement": "0.95", "metric.selection.retention_low": "0.97",
+            "metric.selection.retention_high": "1.01",
             "metric.latency.batch_1.p50_ms": "3.0", "metric.latency.batch_1.p95_ms": "4.0",
             "metric.size.total_bytes": "5000000.0"}
     c = candidate_from_tags("m", "4", tags)
     assert (c.version, c.accuracy, c.retention, c.test_accuracy, c.p95_ms, c.size_bytes) == \
         ("4", 0.85, 0.99, 0.9, 4.0, 5_000_000)
+    assert (c.retention_low, c.retention_high) == (0.97, 1.01)
     assert violations(c, RULE) == []
     assert candidate_from_tags("m", "4", {}).retention is None

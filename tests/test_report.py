@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from bertshrink.selection.report import check_targets, markdown_table, pareto_front, report_rows, write_csv, write_plots
+from bertshrink.selection.report import check_targets, constraint_text, markdown_table, pareto_front, report_rows, write_csv, write_plots
 
 
 def result(name, accuracy, size, params, b1, b32, retention=None, agreement=None):
@@ -86,3 +86,20 @@ def test_targets_are_checked_against_the_row(results):
         "min_smaller_vs_teacher": 15.0, "min_smaller_vs_baseline": 4.0})}
     assert checks == {"min_retention": True, "min_b1_speedup_vs_teacher": True, "min_b1_speedup_vs_baseline": False,
                       "min_smaller_vs_teacher": True, "min_smaller_vs_baseline": True}
+
+
+def test_retention_intervals_are_shown_where_computed(results):
+    results[3]["behaviour"].update(retention_low=0.962, retention_high=1.013)
+    results[3]["selection"] = {"accuracy": 0.88, "retention": 0.995, "retention_low": 0.981, "retention_high": 1.008}
+    rows = report_rows(results, None, "baseline-ort-int8")
+    tiny_line = next(line for line in markdown_table(rows).splitlines() if line.startswith("| tiny |"))
+    assert "| 98.9% [96.2, 101.3] |" in tiny_line and "| 99.5% [98.1, 100.8] |" in tiny_line
+    tiny = next(r for r in rows if r["model"] == "tiny")
+    retention = check_targets(tiny, {"min_retention": 0.98})[0]
+    assert retention["measured_text"] == "98.90% (95% interval 96.20% to 101.30%)"
+
+
+def test_the_rule_text_names_the_bound_it_judges():
+    assert constraint_text({"min_retention": 0.99, "min_agreement": 0.85, "retention_bound": "point"}) == \
+        "retention >= 99%, agreement >= 85%"
+    assert constraint_text({"min_retention": 0.99, "retention_bound": "lower"}) == "retention's 95% lower bound >= 99%"

@@ -138,6 +138,9 @@ def test_constraint_margins_are_relative_and_only_for_set_limits():
     assert margins == pytest.approx({"min_retention": (0.98 - 0.97) / 0.98, "max_p95_ms": 0.2})
     assert constraint_margins({}, PromotionConstraints(max_size_mb=1.0)) == {"max_size_mb": 1.0}  # not measured
     assert constraint_margins(scores, PromotionConstraints()) == {}
+    lower = PromotionConstraints(min_retention=0.98, retention_bound="lower")
+    assert constraint_margins({**scores, "retention_low": 0.95}, lower) == \
+        pytest.approx({"min_retention": (0.98 - 0.95) / 0.98})
 
 
 def test_pareto_front_and_ranks():

@@ -24,7 +24,8 @@ from tracking.runs import git_commit
 SUMMARY_METRICS = ("test.accuracy", "test.macro_f1", "validation.accuracy", "size.total_bytes",
                    "parameters", "latency.batch_1.p50_ms", "latency.batch_1.p95_ms",
                    "behaviour.retention", "behaviour.agreement",  # on test: reported
-                   "selection.accuracy", "selection.retention", "selection.agreement")  # on validation: the rule reads these tags
+                   "selection.accuracy", "selection.retention", "selection.agreement",
+                   "selection.retention_low", "selection.retention_high")  # on validation: the rule reads these tags
 
 
 SERVING_PACKAGES = ("transformers", "torch", "tokenizers", "safetensors", "accelerate")

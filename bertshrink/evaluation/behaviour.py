@@ -14,6 +14,9 @@ import numpy as np
 import pandas as pd
 
 LENGTH_BUCKETS = 3  # short / medium / long, by word count quantiles of the evaluated split
+RETENTION_CONFIDENCE = 0.95  # two-sided level of the retention interval
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # fixed: the same predictions always give the same interval
 
 
 def agreement(predictions: Sequence[int], teacher_predictions: Sequence[int]) -> float:
@@ -117,7 +120,8 @@ def behaviour_report(texts: Sequence[str], labels: Sequence[int], predictions: S
 def fidelity(labels: Sequence[int], predictions: Sequence[int], teacher_predictions: Sequence[int] | None = None,
              teacher_accuracy: float | None = None) -> dict:
     """Accuracy; agreement and disagreements with the teacher's predictions, and retention (accuracy /
-    the teacher's), when those are given."""
+    the teacher's), when those are given; with both, retention's paired 95% interval
+    (``retention_low``, ``retention_high``)."""
     ours = np.asarray(predictions, dtype=int)
     accuracy = float(np.mean(ours == np.asarray(labels, dtype=int))) if len(ours) else float("nan")
     figures: dict = {"accuracy": accuracy}
@@ -126,7 +130,48 @@ def fidelity(labels: Sequence[int], predictions: Sequence[int], teacher_predicti
         figures["disagreements"] = int(np.sum(ours != np.asarray(teacher_predictions, dtype=int)))
     if teacher_accuracy:
         figures["retention"] = accuracy / teacher_accuracy
+        if teacher_predictions is not None and len(ours):
+            low, high = retention_interval(labels, predictions, teacher_predictions)
+            figures["retention_low"], figures["retention_high"] = low, high
     return figures
+
+
+def paired_outcomes(labels: Sequence[int], predictions: Sequence[int], teacher_predictions: Sequence[int]) -> dict:
+    """How many examples both got right, only the candidate, only the teacher, neither."""
+    y, ours, theirs = (np.asarray(a, dtype=int) for a in (labels, predictions, teacher_predictions))
+    if not (len(y) == len(ours) == len(theirs)):
+        raise ValueError(f"{len(y)} labels, {len(ours)} predictions and {len(theirs)} teacher predictions: "
+                         "were they made on the same split? Re-evaluate the teacher.")
+    mine, teachers = ours == y, theirs == y
+    return {"both": int(np.sum(mine & teachers)), "candidate_only": int(np.sum(mine & ~teachers)),
+            "teacher_only": int(np.sum(~mine & teachers)), "neither": int(np.sum(~mine & ~teachers))}
+
+
+def retention_interval(labels: Sequence[int], predictions: Sequence[int], teacher_predictions: Sequence[int],
+                       confidence: float = RETENTION_CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Paired bootstrap percentile interval of retention (accuracy / the teacher's accuracy).
+
+    Paired: each resample draws examples, with both models' outcomes on them, so the shared
+    difficulty of a split cancels and only the examples where the two differ widen the interval.
+    Resampling rows is the same as drawing the four outcome counts (both right, candidate only,
+    teacher only, neither) from a multinomial, which is exact and needs no n x resamples matrix.
+    """
+    counts = paired_outcomes(labels, predictions, teacher_predictions)
+    n = sum(counts.values())
+    if n == 0:
+        return float("nan"), float("nan")
+    shares = np.array([counts["both"], counts["candidate_only"], counts["teacher_only"], counts["neither"]]) / n
+    draws = np.random.default_rng(seed).multinomial(n, shares, size=resamples)
+    teacher_right = draws[:, 0] + draws[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = (draws[:, 0] + draws[:, 1]) / teacher_right
+    ratios = ratios[teacher_right > 0]
+    if ratios.size == 0:
+        return float("nan"), float("nan")
+    tail = (1.0 - confidence) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def spread(values: Sequence[float]) -> dict:

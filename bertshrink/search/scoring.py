@@ -100,7 +100,8 @@ def score_model(model_dir: Path, prepared: PreparedData, reference: Reference, e
     quick = quick.model_copy(update={"max_length": min(quick.max_length, runner.max_length_limit)})
     latency = measure_latency(runner, runner.tokenizer, texts, 1, quick, seed)
     size = size_on_disk(Path(model_dir))["total_bytes"]
-    return {"accuracy": figures["accuracy"], "retention": figures.get("retention"), "agreement": figures["agreement"],
+    return {"accuracy": figures["accuracy"], "retention": figures.get("retention"),
+            "retention_low": figures.get("retention_low"), "agreement": figures["agreement"],
             "p50_ms": latency["p50_ms"], "p95_ms": latency["p95_ms"], "size_mb": size / 1e6,
             "parameters": runner.num_parameters()}
 

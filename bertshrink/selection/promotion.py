@@ -42,6 +42,8 @@ class Candidate:
     size_bytes: int | None = None
     status: str = OK                  # ok | failed | collapsed
     test_accuracy: float | None = None  # reported beside the choice, never used to make it
+    retention_low: float | None = None  # retention's paired 95% interval (validation)
+    retention_high: float | None = None
 
 
 # The rule's limits are declared once, in the config layer; the registry section composes them.
@@ -71,7 +73,9 @@ def _missing(value) -> bool:
 def violations(candidate: Candidate, constraints: Constraints) -> list[str]:
     """Each constraint ``candidate`` breaks, in words (a missing figure breaks the constraint on it)."""
     checks = [
-        ("retention", candidate.retention, constraints.min_retention, "min", "{:.2%}"),
+        ("retention" if constraints.retention_bound == "point" else "retention's 95% lower bound",
+         constraints.judged_retention(candidate.retention, candidate.retention_low), constraints.min_retention,
+         "min", "{:.2%}"),
         ("agreement with the teacher", candidate.agreement, constraints.min_agreement, "min", "{:.2%}"),
         ("batch-1 p95 latency (ms)", candidate.p95_ms, constraints.max_p95_ms, "max", "{:.2f}"),
         ("size (MB)", None if candidate.size_bytes is None else candidate.size_bytes / 1e6,
@@ -128,7 +132,9 @@ def describe(candidate: Candidate) -> str:
     if not _missing(candidate.accuracy):
         parts.append(f"val acc {candidate.accuracy:.4f}")
     if not _missing(candidate.retention):
-        parts.append(f"val retention {candidate.retention:.1%}")
+        interval = ("" if _missing(candidate.retention_low) or _missing(candidate.retention_high)
+                    else f" [{candidate.retention_low:.1%}, {candidate.retention_high:.1%}]")
+        parts.append(f"val retention {candidate.retention:.1%}{interval}")
     if not _missing(candidate.agreement):
         parts.append(f"val agreement {candidate.agreement:.1%}")
     if not _missing(candidate.p50_ms):
@@ -239,7 +245,9 @@ def candidate_from_result(name: str, result: dict | None, record: dict | None = 
     status = "collapsed" if record.get("collapsed") else OK
     return Candidate(
         name=name, version=None if record.get("registered") is False else record.get("version"),
-        accuracy=selection.get("accuracy"), retention=selection.get("retention"), agreement=selection.get("agreement"),
+        accuracy=selection.get("accuracy"), retention=selection.get("retention"),
+        retention_low=selection.get("retention_low"), retention_high=selection.get("retention_high"),
+        agreement=selection.get("agreement"),
         p50_ms=b1.get("p50_ms"), p95_ms=b1.get("p95_ms"), size_bytes=(result.get("size") or {}).get("total_bytes"),
         status=status, test_accuracy=reported_accuracy(result))
 
@@ -253,7 +261,8 @@ def candidate_from_tags(name: str, version: str, tags: dict[str, str]) -> Candid
             return None
     size = number("size.total_bytes")
     return Candidate(name=name, version=str(version), accuracy=number("selection.accuracy"),
-                     retention=number("selection.retention"), agreement=number("selection.agreement"),
+                     retention=number("selection.retention"), retention_low=number("selection.retention_low"),
+                     retention_high=number("selection.retention_high"), agreement=number("selection.agreement"),
                      p50_ms=number("latency.batch_1.p50_ms"), p95_ms=number("latency.batch_1.p95_ms"),
                      size_bytes=None if size is None else int(size),
                      status="collapsed" if tags.get("collapsed") == "true" else OK,

@@ -21,8 +21,8 @@ PLOTS = {  # file stem -> (row key of the x axis, axis label, log scale)
     "accuracy_vs_size": ("size_mb", "size on disk (MB, log scale)", True),
     "accuracy_vs_params": ("params_m", "parameters (millions, log scale)", True),
 }
-CSV_COLUMNS = ("model", "role", "accuracy", "macro_f1", "retention", "agreement", "val_accuracy", "val_retention",
-               "size_mb", "params_m",
+CSV_COLUMNS = ("model", "role", "accuracy", "macro_f1", "retention", "retention_low", "retention_high", "agreement",
+               "val_accuracy", "val_retention", "val_retention_low", "val_retention_high", "size_mb", "params_m",
                "b1_p50_ms", "b1_p95_ms", "b1_e2e_p50_ms", "large_batch", "large_p50_ms", "large_p95_ms", "large_throughput_eps",
                "pareto_latency", "pareto_size", "pareto_params")
 
@@ -89,7 +89,11 @@ def model_row(result: Mapping[str, Any], latency: Mapping[str, Any] | None, base
         "format": result.get("format", ""),
         "accuracy": lookup(result, "metrics.test.accuracy"), "macro_f1": lookup(result, "metrics.test.macro_f1"),
         "retention": lookup(result, "behaviour.retention"), "agreement": lookup(result, "behaviour.agreement"),
+        "retention_low": lookup(result, "behaviour.retention_low"),
+        "retention_high": lookup(result, "behaviour.retention_high"),
         "val_accuracy": lookup(result, "selection.accuracy"), "val_retention": lookup(result, "selection.retention"),
+        "val_retention_low": lookup(result, "selection.retention_low"),
+        "val_retention_high": lookup(result, "selection.retention_high"),
         "size_bytes": size, "size_mb": None if size is None else size / 1e6,
         "parameters": params, "params_m": None if params is None else params / 1e6,
         "b1_p50_ms": lat(1, "p50_ms"), "b1_p95_ms": lat(1, "p95_ms"), "b1_e2e_p50_ms": lat(1, "e2e_p50_ms"),
@@ -157,6 +161,13 @@ def _pair(a, b) -> str:
     return f"{_fmt(a, 'x')} / {_fmt(b, 'x')}"
 
 
+def _retention_cell(point, low, high) -> str:
+    """``97.3% [94.8, 99.7]``: retention and its paired 95% interval, where one was computed."""
+    if not (_finite(low) and _finite(high)) or not _finite(point):
+        return _fmt(point, "pct")
+    return f"{point:.1%} [{low * 100:.1f}, {high * 100:.1f}]"
+
+
 def _seeds_cell(seeds: Mapping[str, Any] | None) -> str:
     spread = (seeds or {}).get("accuracy") or {}
     if not spread.get("n") or spread["n"] < 2:
@@ -178,8 +189,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append("| " + " | ".join([
             r["model"], r.get("peer") or r["role"], r.get("format") or "",
             _fmt(r["accuracy"], "acc") + _seeds_cell(r.get("seeds")), _fmt(r["macro_f1"], "acc"),
-            _fmt(r["retention"], "pct"), _fmt(r["agreement"], "pct"), _fmt(r.get("val_accuracy"), "acc"),
-            _fmt(r.get("val_retention"), "pct"), _fmt(r["size_mb"], "mb"),
+            _retention_cell(r["retention"], r.get("retention_low"), r.get("retention_high")),
+            _fmt(r["agreement"], "pct"), _fmt(r.get("val_accuracy"), "acc"),
+            _retention_cell(r.get("val_retention"), r.get("val_retention_low"), r.get("val_retention_high")),
+            _fmt(r["size_mb"], "mb"),
             _fmt(r["params_m"], "m"), _fmt(r["b1_p50_ms"], "ms"), _fmt(r["b1_p95_ms"], "ms"),
             _fmt(r.get("b1_e2e_p50_ms"), "ms"),
             _fmt(r["large_p50_ms"], "ms"), _fmt(r["large_p95_ms"], "ms"), _fmt(r["large_throughput_eps"], "eps"),
@@ -307,6 +320,11 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 # --------------------------------------------------------------------------- targets
 
 
+def _interval_text(row: Mapping[str, Any], key: str) -> str:
+    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+    return f" (95% interval {low:.2%} to {high:.2%})" if _finite(low) and _finite(high) else ""
+
+
 def check_targets(row: Mapping[str, Any], targets: Mapping[str, float]) -> list[dict]:
     """Each target (``min_retention``, ``min_b1_speedup_vs_teacher``, ``min_b1_speedup_vs_baseline``,
     ``min_smaller_vs_teacher``, ``min_smaller_vs_baseline``) against ``row``'s figure: met or not."""
@@ -319,7 +337,8 @@ def check_targets(row: Mapping[str, Any], targets: Mapping[str, float]) -> list[
         key, fmt = figures[name]
         value = row.get(key)
         checks.append({"target": name, "required": required, "measured": value,
-                       "required_text": fmt.format(required), "measured_text": "—" if value is None else fmt.format(value),
+                       "required_text": fmt.format(required),
+                       "measured_text": "—" if value is None else fmt.format(value) + _interval_text(row, key),
                        "met": value is not None and value >= required})
     return checks
 
@@ -357,6 +376,8 @@ def promotion_lines(promotion: dict | None) -> list[str]:
 def constraint_text(constraints: dict) -> str:
     words = {"min_retention": "retention >= {:.0%}", "min_agreement": "agreement >= {:.0%}",
              "max_p95_ms": "b1 p95 <= {} ms", "max_size_mb": "size <= {} MB"}
+    if constraints.get("retention_bound") == "lower":
+        words["min_retention"] = "retention's 95% lower bound >= {:.0%}"
     parts = [words[k].format(v) for k, v in constraints.items() if v is not None and k in words]
     return ", ".join(parts) or "no constraints"
 
@@ -371,7 +392,7 @@ def report_markdown(rows: list[dict], title: str, comparison: dict | None, promo
              "featurisation; *text→label* is the same batch from text in to label out (tokenization, forward, "
              "argmax): what a service pays. Speed ratios, the plots and the promotion rule (`fastest`, `max_p95_ms`) "
              f"use the forward-only figures. Ratios: times smaller / faster than the PyTorch fp32 teacher / than `{baseline}`. "
-             "Retention: test accuracy / the teacher's. Agreement: share of test predictions equal to the teacher's. "
+             "Retention: test accuracy / the teacher's, with its paired bootstrap 95% interval in brackets. Agreement: share of test predictions equal to the teacher's. "
              "The promotion rule judges the validation figures (val acc, val retention, and agreement on validation); "
              "the test split only reports, so the chosen model's test figures are not inflated by the choice. "
              "Registry: the version registered by this run and the aliases this run gave it.", "", machine, ""]
