@@ -101,7 +101,7 @@ def benchmarks_markdown(rows, promotion, champion, checks, plots, machine, param
     lines += targets_markdown(champion, checks)
     if promotion:
         lines += [f"Rule: `{promotion['objective']}` among models with {constraint_text(promotion['constraints'])}. "
-                  "Challenger: {promotion['reason']}. "
+                  f"Challenger: {promotion['reason']}. "
                   f"Champion: {promotion['champion_reason']}.", ""]
     lines += ["## Every model (SST-2 dev, 872 sentences)", "", markdown_table(rows), "",
               "Ratios: times smaller / faster than the PyTorch fp32 teacher / than `baseline-ort-int8` (ONNX Runtime "

@@ -103,3 +103,18 @@ def test_the_rule_text_names_the_bound_it_judges():
     assert constraint_text({"min_retention": 0.99, "min_agreement": 0.85, "retention_bound": "point"}) == \
         "retention >= 99%, agreement >= 85%"
     assert constraint_text({"min_retention": 0.99, "retention_bound": "lower"}) == "retention's 95% lower bound >= 99%"
+
+
+def test_the_benchmark_write_up_states_the_rule_and_its_reasons(results):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_sst2", Path(__file__).parent.parent / "benchmarks" / "sst2.py")
+    sst2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sst2)
+    promotion = {"objective": "fastest", "constraints": {"min_retention": 0.99, "min_agreement": 0.85},
+                 "reason": "fastest of 2 eligible: tiny v3", "champion_reason": "tiny v3 becomes champion"}
+    text = sst2.benchmarks_markdown(report_rows(results, None, "baseline-ort-int8"), promotion, "tiny", [], [],
+                                    "machine", "configs/sst2.yaml", "1.0 min", "")
+    assert ("Rule: `fastest` among models with retention >= 99%, agreement >= 85%. Challenger: fastest of 2 "
+            "eligible: tiny v3. Champion: tiny v3 becomes champion.") in text
