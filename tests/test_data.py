@@ -293,8 +293,30 @@ def test_carve_min_words_carves_validation_and_test_from_long_rows_only():
     assert (words["train"] == 3).sum() == n_phrases > 50                # every phrase stays in train
     plain = prepare_splits(raw, DataParams(validation_size=0.1, test_size=0.1), seed=0)
     assert plain.splits["validation"]["text"].str.split().str.len().min() == 3  # without it, phrases get in
-    with pytest.raises(DataSourceError, match=r"data.carve_min_words is 17, and 0 of toy's"):
+    with pytest.raises(DataSourceError, match=r"0 of toy's \d+ training rows are rows of >= 17 words "
+                                              r"\(data.carve_min_words\): too few"):
         prepare_splits(raw, DataParams(carve_min_words=17), seed=0)
+
+
+def test_carve_outermost_carves_only_texts_found_inside_no_other_row():
+    # Like SST-2's train file: whole sentences and their phrases, some phrases long enough to be carved.
+    sentences = [f"the {w} film is a sharp and moving story about loss" for w in ("first", "second", "third",
+                                                                                    "fourth", "fifth", "sixth")]
+    clauses = [s.split(" about ")[0] for s in sentences]          # 8 words, inside its sentence
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(sentences + clauses)]
+    test = pd.DataFrame([{"text": "nothing like the others here", "label": 0}, {"text": "nor this", "label": 1}])
+    raw = RawDataset({"train": pd.DataFrame(rows), "test": test}, ["neg", "pos"], "toy")
+    params = DataParams(validation_size=0.25, carve_min_words=8, carve_outermost=True, drop_eval_spans=2)
+    prepared = prepare_splits(raw, params, seed=0)
+    validation = set(prepared.splits["validation"]["text"])
+    assert validation and validation <= set(sentences)             # no clause: each sits inside a sentence
+    left = prepared.splits["train"]["text"].tolist()
+    assert not any(v.split(" about ")[0] in left for v in validation)  # their clauses went (drop_eval_spans)
+    assert "inside no other row" in prepared.meta["provenance"]["validation"]
+    nested = prepare_splits(raw, params.model_copy(update={"carve_outermost": False}), seed=0)
+    assert set(nested.splits["validation"]["text"]) & set(clauses)   # without it, clauses are carved too
+    with pytest.raises(ValueError, match="carve_outermost needs carve_min_words"):
+        DataParams(carve_outermost=True)
 
 
 def test_drop_eval_spans_removes_the_parts_of_evaluation_texts_from_train():

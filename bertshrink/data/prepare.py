@@ -192,24 +192,38 @@ def _require_rows_to_carve(frames: dict[str, pd.DataFrame], carve: dict[str, flo
 
 
 def _carve_split(train: pd.DataFrame, rows_wanted: float, min_words: int | None, seed: int,
-                 raw: RawDataset) -> tuple[pd.DataFrame, pd.DataFrame, str | None, str]:
+                 raw: RawDataset, outermost: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, str | None, str]:
     """(train left, carved split, why it is not stratified or None, where it came from): about
-    ``rows_wanted`` rows out of ``train``, or out of its rows of at least ``min_words`` words."""
+    ``rows_wanted`` rows out of ``train``, or out of its rows of at least ``min_words`` words (and,
+    with ``outermost``, found inside no other row)."""
     if min_words is None:
         share = _carve_share(1.0, rows_wanted, len(train))
         rest, carved, fallback = _stratified_split(train, share, seed)
         return rest, carved, fallback, f"train ({share:.1%}"
     long_enough = train["text"].str.split().str.len() >= min_words
+    if outermost:
+        long_enough &= ~train["text"].map(normalize_text).isin(_inner_spans(train["text"], min_words))
     eligible = train[long_enough].reset_index(drop=True)
+    which = f"rows of >= {min_words} words{' inside no other row' if outermost else ''}"
     if len(eligible) < 2:
         raise DataSourceError(
-            f"data.carve_min_words is {min_words}, and {len(eligible)} of {raw.source}'s {len(train)} training "
-            "rows have that many words: too few to carve a split from. Lower data.carve_min_words, or set it "
-            "to null.")
+            f"{len(eligible)} of {raw.source}'s {len(train)} training rows are {which} (data.carve_min_words"
+            f"{', data.carve_outermost' if outermost else ''}): too few to carve a split from. Lower "
+            "data.carve_min_words, or set it to null.")
     share = _carve_share(1.0, rows_wanted, len(eligible))
     kept, carved, fallback = _stratified_split(eligible, share, seed)
     rest = pd.concat([train[~long_enough], kept], ignore_index=True)
-    return rest, carved, fallback, f"train rows of >= {min_words} words ({share:.1%} of {len(eligible)}"
+    return rest, carved, fallback, f"train {which} ({share:.1%} of {len(eligible)}"
+
+
+def _inner_spans(texts: pd.Series, min_words: int) -> set[str]:
+    """Every run of at least ``min_words`` words inside one of ``texts``, the whole texts excluded."""
+    spans: set[str] = set()
+    for text in texts:
+        own = word_spans(text, min_words)
+        own.discard(normalize_text(text))
+        spans |= own
+    return spans
 
 
 def word_spans(text: str, min_words: int) -> set[str]:
@@ -271,7 +285,8 @@ def prepare_splits(raw: RawDataset, params: DataParams, seed: int) -> PreparedDa
     pool_rows = sum(len(f) for f in frames.values())
     for name, fraction in carve.items():
         frames["train"], frames[name], fallback, origin = _carve_split(frames["train"], fraction * pool_rows,
-                                                                       params.carve_min_words, seed, raw)
+                                                                       params.carve_min_words, seed, raw,
+                                                                       params.carve_outermost)
         stratified[name] = fallback is None
         warnings += [_random_warning(f"the {name} split carved from train was", fallback)] if fallback else []
         provenance[name] = f"carved from {origin}, seed {seed})"
