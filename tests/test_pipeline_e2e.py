@@ -103,7 +103,8 @@ def test_pipeline_end_to_end(workdir, tiny_bert, toy_csv, prefect_server):
     assert metrics["behaviour"]["agreement"] == 1.0 and metrics["behaviour"]["retention"] == 1.0
     # what the promotion rule judges: the validation split's figures, recorded and tagged apart from test's
     assert metrics["selection"] == {"split": "validation", "accuracy": metrics["metrics"]["validation"]["accuracy"],
-                                    "agreement": 1.0, "disagreements": 0, "retention": 1.0}
+                                    "agreement": 1.0, "disagreements": 0, "retention": 1.0,
+                                    "retention_low": 1.0, "retention_high": 1.0}  # the teacher against itself
     assert set(metrics["behaviour"]["by_class"]) == {"film", "money", "sport"}
     assert sum(b["n"] for b in metrics["behaviour"]["by_length"].values()) == metrics["metrics"]["test"]["n"]
 
