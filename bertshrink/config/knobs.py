@@ -67,6 +67,10 @@ class KdLossKnobs(Knobs):
     alpha_kd: float = Field(0.5, ge=0.0)
 
 
+# What the rule calls the retention figure it judges, by ``PromotionConstraints.retention_bound``.
+JUDGED_RETENTION_WORDS = {"point": "retention", "lower": "retention's 95% lower bound"}
+
+
 class PromotionConstraints(Knobs):
     """Limits every model the promotion rule may choose meets; None = no limit."""
 

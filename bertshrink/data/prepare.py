@@ -202,7 +202,7 @@ def _carve_split(train: pd.DataFrame, rows_wanted: float, min_words: int | None,
         return rest, carved, fallback, f"train ({share:.1%}"
     long_enough = train["text"].str.split().str.len() >= min_words
     if outermost:
-        long_enough &= ~train["text"].map(normalize_text).isin(_inner_spans(train["text"], min_words))
+        long_enough &= ~train["text"].map(normalize_text).isin(_spans_of(train["text"], min_words, whole=False))
     eligible = train[long_enough].reset_index(drop=True)
     which = f"rows of >= {min_words} words{' inside no other row' if outermost else ''}"
     if len(eligible) < 2:
@@ -216,12 +216,14 @@ def _carve_split(train: pd.DataFrame, rows_wanted: float, min_words: int | None,
     return rest, carved, fallback, f"train {which} ({share:.1%} of {len(eligible)}"
 
 
-def _inner_spans(texts: pd.Series, min_words: int) -> set[str]:
-    """Every run of at least ``min_words`` words inside one of ``texts``, the whole texts excluded."""
+def _spans_of(texts, min_words: int, whole: bool = True) -> set[str]:
+    """Every run of at least ``min_words`` words inside one of ``texts``; ``whole`` False leaves each
+    text itself out of its own runs (it stays in only when it sits inside another text)."""
     spans: set[str] = set()
     for text in texts:
         own = word_spans(text, min_words)
-        own.discard(normalize_text(text))
+        if not whole:
+            own.discard(normalize_text(text))
         spans |= own
     return spans
 
@@ -234,11 +236,7 @@ def word_spans(text: str, min_words: int) -> set[str]:
 
 def _drop_eval_spans(frames: dict[str, pd.DataFrame], min_words: int) -> tuple[pd.DataFrame, int]:
     """(train without the rows of >= ``min_words`` words found inside an evaluation text, how many went)."""
-    inside: set[str] = set()
-    for name, frame in frames.items():
-        if name != "train":
-            for text in frame["text"]:
-                inside |= word_spans(text, min_words)
+    inside = set().union(*(_spans_of(frame["text"], min_words) for name, frame in frames.items() if name != "train"))
     train = frames["train"]
     leaks = train["text"].map(normalize_text).isin(inside)
     return train[~leaks].reset_index(drop=True), int(leaks.sum())

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from bertshrink.config.knobs import PromotionConstraints
+from bertshrink.config.knobs import JUDGED_RETENTION_WORDS, PromotionConstraints
 from bertshrink.config.params import RegistryParams
 from bertshrink.selection.rules import reported_accuracy
 
@@ -73,7 +73,7 @@ def _missing(value) -> bool:
 def violations(candidate: Candidate, constraints: Constraints) -> list[str]:
     """Each constraint ``candidate`` breaks, in words (a missing figure breaks the constraint on it)."""
     checks = [
-        ("retention" if constraints.retention_bound == "point" else "retention's 95% lower bound",
+        (JUDGED_RETENTION_WORDS[constraints.retention_bound],
          constraints.judged_retention(candidate.retention, candidate.retention_low), constraints.min_retention,
          "min", "{:.2%}"),
         ("agreement with the teacher", candidate.agreement, constraints.min_agreement, "min", "{:.2%}"),

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bertshrink.config.knobs import JUDGED_RETENTION_WORDS
 from bertshrink.evaluation.machine import cpu_features
 from bertshrink.evaluation.noise import noise_note
 
@@ -374,10 +375,9 @@ def promotion_lines(promotion: dict | None) -> list[str]:
 
 
 def constraint_text(constraints: dict) -> str:
-    words = {"min_retention": "retention >= {:.0%}", "min_agreement": "agreement >= {:.0%}",
+    judged = JUDGED_RETENTION_WORDS[constraints.get("retention_bound") or "point"]
+    words = {"min_retention": judged + " >= {:.0%}", "min_agreement": "agreement >= {:.0%}",
              "max_p95_ms": "b1 p95 <= {} ms", "max_size_mb": "size <= {} MB"}
-    if constraints.get("retention_bound") == "lower":
-        words["min_retention"] = "retention's 95% lower bound >= {:.0%}"
     parts = [words[k].format(v) for k, v in constraints.items() if v is not None and k in words]
     return ", ".join(parts) or "no constraints"
 
