@@ -28,7 +28,7 @@ test-unit: install    ## the fast unit tests alone (no slow or end-to-end tests;
 # bench/.venvs/ (made on first use: python3.11, the CPU torch wheel pinned), written as model folders under
 # models/sst2/peers/ and evaluated by our code; then one interleaved timing of every model, peers included;
 # then the write-up. A failed recipe or peer still gets its write-up; the exit status says it failed.
-bench: install        ## SST-2 benchmark (../shared/datasets/sst2, configs/sst2.yaml, ~90 min on 2 cores with the search and the peers) -> BENCHMARKS.md
+bench: install        ## SST-2 benchmark (../shared/datasets/sst2, configs/sst2.yaml, ~50-70 min on 2 cores with the search and the peers) -> BENCHMARKS.md
 	$(PY) -m flows.pipeline --params configs/sst2.yaml; status=$$?; \
 	$(PY) benchmarks/peers.py --params configs/sst2.yaml || status=1; \
 	$(PY) -m flows.compare --params configs/sst2.yaml --with-peers || status=1; \
