@@ -57,17 +57,15 @@ def constraint_margins(scores: dict, constraints: PromotionConstraints) -> dict[
     ``scores`` has ``retention`` (and its interval's ``retention_low``) and ``agreement`` (validation
     split, against the teacher), ``p95_ms`` (batch 1) and ``size_mb``.
     """
-    scores = {**scores, "judged_retention": constraints.judged_retention(scores.get("retention"),
-                                                                         scores.get("retention_low"))}
-    checks = (("min_retention", "judged_retention", constraints.min_retention, -1.0),
-              ("min_agreement", "agreement", constraints.min_agreement, -1.0),
-              ("max_p95_ms", "p95_ms", constraints.max_p95_ms, 1.0),
-              ("max_size_mb", "size_mb", constraints.max_size_mb, 1.0))
+    retention = constraints.judged_retention(scores.get("retention"), scores.get("retention_low"))
+    checks = (("min_retention", retention, constraints.min_retention, -1.0),
+              ("min_agreement", scores.get("agreement"), constraints.min_agreement, -1.0),
+              ("max_p95_ms", scores.get("p95_ms"), constraints.max_p95_ms, 1.0),
+              ("max_size_mb", scores.get("size_mb"), constraints.max_size_mb, 1.0))
     margins = {}
-    for name, key, limit, sign in checks:
+    for name, value, limit, sign in checks:
         if limit is None:
             continue
-        value = scores.get(key)
         if value is None or not math.isfinite(value):
             margins[name] = 1.0   # not measured: as broken as a model can be
         else:
